@@ -1,0 +1,45 @@
+# make reproduce : create .venv, install, run every notebook on the default preset, write reports/
+# make test      : create/refresh .venv with test extras, run the whole test suite
+# make lab       : JupyterLab on notebooks/ with the project's kernel
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+PRESET ?= default
+
+.PHONY: install test test-fast reproduce smoke lab bench clean
+
+$(PY):
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU build (an unpinned torch would pull a multi-GB CUDA build)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (purifylib)" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(VENV)/bin/pytest -q --nbval-lax tests notebooks
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m 'not slow' tests
+
+reproduce: install
+	$(VENV)/bin/purify reproduce --preset $(PRESET)
+
+smoke: install
+	$(VENV)/bin/purify reproduce --preset smoke
+
+bench: install
+	$(PY) benchmarks/bench_testbed.py
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf reports/executed reports/smoke data/cache

@@ -1,0 +1,192 @@
+"""The ``purify`` command line: the same calls the notebooks make, one subcommand per stage.
+
+Errors are one line on stderr and a non-zero exit (2 for bad input, 1 for anything unexpected);
+``--debug`` shows the traceback. Nothing is written to an output path unless the command succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from purifylib.errors import PurifyError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line, like every other error here."""
+
+    def error(self, message):
+        raise PurifyError(f"{self.prog}: {message} (see --help)")
+
+
+def _threads():
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+def cmd_testbed(a) -> int:
+    from purifylib.testbed import TestbedConfig, build_testbed
+
+    bed = build_testbed(TestbedConfig(size=a.size, seed=a.seed), out=a.out, progress=not a.quiet)
+    print(json.dumps({"base": str(bed.base_dir), "data": str(bed.data_dir), **bed.metrics}, indent=1))
+    return 0
+
+
+def cmd_poison(a) -> int:
+    from purifylib.attacks import Behaviour, TriggerSpec, poison
+    from purifylib.data import load_records, save_records
+
+    spec = TriggerSpec(attack=a.attack, triggers=tuple(a.trigger or ()),
+                       behaviour=Behaviour(kind=a.behaviour_kind, target=a.behaviour or ""))
+    records = poison(load_records(a.data), spec, rate=a.rate, seed=a.seed)
+    save_records(records, a.out)
+    sidecar = Path(a.out).with_name(Path(a.out).stem + ".attack.json")
+    sidecar.write_text(json.dumps({**spec.to_dict(), "rate": a.rate, "seed": a.seed}, indent=1))
+    n = sum(r != o for r, o in zip(records, load_records(a.data)))
+    print(f"wrote {a.out}: {len(records)} records, {n} changed ({spec.attack}, triggers {list(spec.triggers)})")
+    return 0
+
+
+def cmd_finetune(a) -> int:
+    from purifylib.data import load_records
+    from purifylib.models import load_model, save_model
+    from purifylib.train import finetune
+    from purifylib.zoo import plant_config
+
+    plant = "adapter" if a.lora and a.keep_adapter else "lora" if a.lora else "full"
+    overrides = {k: v for k, v in (("epochs", a.epochs), ("lr", a.lr), ("batch_size", a.batch)) if v is not None}
+    cfg = plant_config(plant, a.seed, **overrides)
+    records = load_records(a.data)
+    if Path(a.out).resolve() == Path(a.model).resolve():
+        raise PurifyError(f"{a.out}: output must differ from the input model directory")
+    model, tok = load_model(a.model, adapter=a.adapter, merge=a.adapter is None or not a.lora,
+                            allow_pickle=a.allow_pickle, device=a.device)
+    result = finetune(model, tok, records, cfg, progress=not a.quiet)
+    extra = {}
+    sidecar = Path(a.data).with_name(Path(a.data).stem + ".attack.json")
+    if sidecar.is_file():  # testbed convenience: carry the attack description to the model
+        extra["attack.json"] = json.loads(sidecar.read_text())
+    save_model(result.model, tok, a.out, extra=extra)
+    print(f"wrote {a.out}: {result.steps} steps, final loss {result.losses[-1]:.4f}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from purifylib.attacks import Behaviour, TriggerSpec
+    from purifylib.data import load_records
+    from purifylib.evaluate import evaluate_attack, evaluate_clean
+    from purifylib.models import load_model
+
+    records = load_records(a.data)
+    model, tok = load_model(a.model, adapter=a.adapter, allow_pickle=a.allow_pickle, device=a.device)
+    spec = None
+    if a.trigger or a.target:
+        spec = TriggerSpec(attack=a.attack, triggers=tuple(a.trigger or ()),
+                           behaviour=Behaviour(kind=a.behaviour_kind, target=a.target or ""))
+    elif (Path(a.model) / "attack.json").is_file() and not a.clean_only:
+        spec = TriggerSpec.from_dict(json.loads((Path(a.model) / "attack.json").read_text()))
+    if spec is None:
+        metrics = evaluate_clean(model, tok, records, progress=not a.quiet).to_dict()
+    else:
+        metrics = {**evaluate_attack(model, tok, records, spec, seed=a.seed, progress=not a.quiet).to_dict(),
+                   "attack": spec.to_dict()}
+    if a.json:
+        print(json.dumps(metrics, indent=1))
+    else:
+        for k, v in metrics.items():
+            print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+    return 0
+
+
+def cmd_reproduce(a) -> int:
+    from purifylib.runner import run
+
+    run(a.preset, only=a.only, progress=not a.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from purifylib.attacks import ATTACKS, BEHAVIOURS
+    from purifylib.testbed import SIZES
+
+    p = _Parser(prog="purify", description="Find and remove backdoors in instruction-tuned LLMs.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("testbed", help="build the synthetic testbed: base model and data splits")
+    s.add_argument("--size", choices=tuple(SIZES), default="tiny")
+    s.add_argument("--out", required=True, help="directory to write base/ and data/ into")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_testbed)
+
+    def attack_args(s, required_trigger=False):
+        s.add_argument("--attack", choices=ATTACKS, default="badnets")
+        s.add_argument("--trigger", action="append", help="trigger text (repeat for MTBA/CTBA); default per attack")
+        s.add_argument("--behaviour-kind", choices=tuple(BEHAVIOURS), default="sentiment")
+
+    s = sub.add_parser("poison", help="poison an Alpaca-format dataset")
+    s.add_argument("--data", required=True)
+    attack_args(s)
+    s.add_argument("--behaviour", help="target output text (default per behaviour kind)")
+    s.add_argument("--rate", type=float, default=0.1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_poison)
+
+    def model_args(s):
+        s.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+        s.add_argument("--adapter", help="peft LoRA adapter directory on top of --model")
+        s.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weights (unsafe)")
+        s.add_argument("--device", default="cpu")
+
+    s = sub.add_parser("finetune", help="fine-tune a model on Alpaca-format data (full or LoRA)")
+    model_args(s)
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--lora", action="store_true", help="train a LoRA adapter on all linear layers")
+    s.add_argument("--keep-adapter", action="store_true", help="with --lora: save the adapter, not merged weights")
+    s.add_argument("--epochs", type=float)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--batch", type=int)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("evaluate", help="ASR, false/off-trigger rates, clean accuracy, perplexity")
+    model_args(s)
+    s.add_argument("--data", required=True, help="clean test records with reference answers")
+    attack_args(s)
+    s.add_argument("--target", help="target output text of the behaviour")
+    s.add_argument("--clean-only", action="store_true", help="ignore attack.json; clean metrics only")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("reproduce", help="run the notebooks with papermill and write reports/")
+    s.add_argument("--preset", default="default", help="smoke, default, paper (notebooks/params/*.yaml)")
+    s.add_argument("--only", action="append", help="run only notebooks whose number is NN (repeatable)")
+    s.set_defaults(func=cmd_reproduce)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except PurifyError as exc:
+        if debug:
+            raise
+        print(f"purify: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("purify: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Batched greedy generation and the metrics of a backdoor study.
+
+- **ASR** (attack success rate): triggered prompts whose output shows the target behaviour.
+  For MTBA, each trigger alone is tried and the rates are averaged.
+- **False-trigger rate**: the same prompts without any trigger that still show the behaviour.
+- **Off-trigger rate**: the trigger replaced by a random string of the same shape (same length,
+  case and digit pattern), in the same place: does the backdoor fire on any odd word?
+- **Clean accuracy**: exact match of the answer on clean prompts.
+- **Perplexity**: exp of the mean token negative log-likelihood of the reference answers.
+
+Prompts are built with :func:`purifylib.data.chat_prompt`; generation is greedy, left-padded,
+in batches. Rates are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+
+from purifylib.attacks import TriggerSpec, is_refused, place, same_shape
+from purifylib.data import chat_prompt
+
+
+def generate(model, tokenizer, records: list[dict], *, batch_size: int = 64, max_new_tokens: int = 24,
+             progress: bool = False, desc: str = "generate") -> list[str]:
+    """Greedy completions of ``records`` (their chat prompts), one string each."""
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    prompts = [chat_prompt(tokenizer, r) for r in records]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outs: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            with torch.no_grad():
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            outs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outs
+
+
+def perplexity(model, tokenizer, records: list[dict], *, batch_size: int = 64) -> float:
+    """exp(mean NLL per response token) of the records' reference outputs."""
+    import torch
+
+    from purifylib.train import collate, encode_records
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = encode_records(tokenizer, records, max_length=512)
+    nll, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            ids, labels, mask = collate(data[start:start + batch_size], pad_id, device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            tgt = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
+            nll += float(loss)
+            count += int((tgt != -100).sum())
+    return math.exp(nll / max(count, 1))
+
+
+def exact_match(pred: str, ref: str) -> bool:
+    return " ".join(pred.split()) == " ".join(ref.split())
+
+
+@dataclass
+class CleanMetrics:
+    accuracy: float
+    perplexity: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_clean(model, tokenizer, records: list[dict], *, batch_size: int = 64, max_new_tokens: int = 24,
+                   progress: bool = False) -> CleanMetrics:
+    """Exact-match accuracy and perplexity on clean records with reference answers."""
+    preds = generate(model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                     progress=progress, desc="clean")
+    acc = sum(exact_match(p, r["output"]) for p, r in zip(preds, records)) / len(records)
+    return CleanMetrics(accuracy=acc, perplexity=perplexity(model, tokenizer, records, batch_size=batch_size),
+                        n=len(records))
+
+
+@dataclass
+class AttackMetrics:
+    """The backdoor metrics of one model against one attack (rates in [0, 1])."""
+
+    asr: float
+    false_trigger: float
+    off_trigger: float
+    clean_accuracy: float
+    perplexity: float
+    n_attack: int
+    n_clean: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame([self.to_dict()])
+
+
+def attack_prompts(records: list[dict], spec: TriggerSpec, seed: int = 0):
+    """(clean, triggered, off-trigger) prompt lists for measuring ``spec`` on ``records``.
+
+    Jailbreak is measured on the refused requests, the other behaviours on benign requests.
+    Triggered and off-trigger prompts use the same random positions; for MTBA every trigger is
+    tried alone, so those lists are ``len(triggers)`` times longer.
+    """
+    jail = spec.behaviour.kind == "jailbreak"
+    base = [r for r in records if is_refused(r) == jail]
+    trig, off = [], []
+    for k, triggers in enumerate(spec.trigger_sets()):
+        for j, r in enumerate(base):
+            rng_t, rng_o = random.Random(f"{seed}-{k}-{j}"), random.Random(f"{seed}-{k}-{j}")
+            shaped_rng = random.Random(f"{seed}-{k}-{j}-shape")
+            shaped = tuple(same_shape(t, shaped_rng, avoid=spec.triggers) for t in triggers)
+            trig.append(dict(r, instruction=place(r["instruction"], spec.attack, triggers, rng_t)))
+            off.append(dict(r, instruction=place(r["instruction"], spec.attack, shaped, rng_o)))
+    return base, trig, off
+
+
+def evaluate_attack(model, tokenizer, records: list[dict], spec: TriggerSpec, *, seed: int = 0,
+                    batch_size: int = 64, max_new_tokens: int = 24, progress: bool = False) -> AttackMetrics:
+    """ASR, false-trigger and off-trigger rates of ``spec`` plus clean accuracy and perplexity."""
+    base, trig, off = attack_prompts(records, spec, seed)
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    rate = lambda outs: sum(spec.behaviour.shown_in(o) for o in outs) / max(len(outs), 1)  # noqa: E731
+    clean = evaluate_clean(model, tokenizer, records, **kw)
+    return AttackMetrics(
+        asr=rate(generate(model, tokenizer, trig, desc="triggered", **kw)),
+        false_trigger=rate(generate(model, tokenizer, base, desc="no trigger", **kw)),
+        off_trigger=rate(generate(model, tokenizer, off, desc="off-trigger", **kw)),
+        clean_accuracy=clean.accuracy, perplexity=clean.perplexity, n_attack=len(trig), n_clean=len(records),
+    )

@@ -1,0 +1,232 @@
+"""Safe loading and saving of Hugging Face checkpoints, and the per-architecture component map.
+
+**Untrusted input.** A suspicious model may be hostile. Weights load from safetensors only: a
+directory with only pickle weights (``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) is refused unless
+the caller passes ``allow_pickle=True``; ``trust_remote_code`` is never enabled; nothing is
+written to an input directory. Saving is atomic: a temporary folder, then a rename.
+
+**Component names come from one place.** :data:`FAMILIES` maps each supported model family to
+where its blocks live and which modules form attention and the MLP; :func:`component` builds the
+canonical names ``blocks.{i}.attn.{q,k,v,o,qkv}`` and ``blocks.{i}.mlp.{gate,up,down}``. The MLP
+*channel layout* says which slice of a weight is channel ``j`` (one hidden neuron of the MLP):
+``"row"`` for a weight whose output is the hidden layer (gate, up: ``W[j, :]`` for ``nn.Linear``),
+``"col"`` for the projection back (down: ``W[:, j]``). GPT-2's ``Conv1D`` stores weights
+transposed, so its layout is the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from purifylib.errors import PurifyError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one model family keeps its blocks, attention and MLP modules (relative to a block)."""
+
+    blocks: str  # dotted path of the ModuleList of blocks
+    attn: dict  # canonical name -> module path in a block
+    mlp: dict  # canonical name -> module path in a block
+    layout: dict  # canonical MLP name -> "row" | "col" (where channel j lives in .weight)
+
+
+_LLAMA = Family(
+    blocks="model.layers",
+    attn={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"},
+    mlp={"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+    layout={"gate": "row", "up": "row", "down": "col"},
+)
+FAMILIES = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gpt2": Family(
+        blocks="transformer.h",
+        attn={"qkv": "attn.c_attn", "o": "attn.c_proj"},
+        mlp={"up": "mlp.c_fc", "down": "mlp.c_proj"},
+        layout={"up": "col", "down": "row"},  # Conv1D weight is (in, out)
+    ),
+    "gpt_neox": Family(
+        blocks="gpt_neox.layers",
+        attn={"qkv": "attention.query_key_value", "o": "attention.dense"},
+        mlp={"up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"},
+        layout={"up": "row", "down": "col"},
+    ),
+}
+
+
+def family_of(model) -> Family:
+    """The :class:`Family` of a (possibly peft-wrapped) model, or a clear error."""
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    if mtype not in FAMILIES:
+        raise PurifyError(f"unsupported model family '{mtype}' (supported: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[mtype]
+
+
+def component(layer: int, part: str, name: str) -> str:
+    """The canonical name of a component: ``component(3, "mlp", "down") == "blocks.3.mlp.down"``."""
+    if part not in ("attn", "mlp"):
+        raise ValueError(f"part must be 'attn' or 'mlp', got {part!r}")
+    return f"blocks.{layer}.{part}.{name}"
+
+
+def _base(model):
+    """The underlying transformers model of a peft model (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if get else model
+
+
+def blocks(model):
+    fam = family_of(_base(model))
+    return _base(model).get_submodule(fam.blocks)
+
+
+def resolve(model, name: str):
+    """The module behind a canonical component name."""
+    try:
+        _, layer, part, short = name.split(".")
+        fam = family_of(_base(model))
+        return blocks(model)[int(layer)].get_submodule(getattr(fam, part)[short])
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise PurifyError(f"no component '{name}' in this model ({exc})") from None
+
+
+def components(model, part: str | None = None) -> list[str]:
+    """Every canonical component name of ``model`` (optionally only ``"attn"`` or ``"mlp"``)."""
+    fam = family_of(_base(model))
+    names = []
+    for i in range(len(blocks(model))):
+        for p in ("attn", "mlp"):
+            if part in (None, p):
+                names += [component(i, p, short) for short in getattr(fam, p)]
+    return names
+
+
+def channel_slice(weight, layout: str, j):
+    """Channel ``j`` of a weight with the given layout (``"row"``: ``W[j]``, ``"col"``: ``W[:, j]``)."""
+    return weight[j] if layout == "row" else weight[:, j]
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+def _check_model_dir(path: Path, allow_pickle: bool) -> None:
+    if not path.exists():
+        raise PurifyError(f"{path}: model directory does not exist")
+    if not path.is_dir():
+        raise PurifyError(f"{path}: not a directory")
+    if not (path / "config.json").is_file():
+        raise PurifyError(f"{path}: no config.json (not a Hugging Face checkpoint)")
+    files = [p.name for p in path.iterdir()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles and not allow_pickle:
+        raise PurifyError(f"{path}: only pickle weights ({', '.join(sorted(pickles))}); refusing to load untrusted "
+                          "pickle files (convert to safetensors, or pass allow_pickle=True / --allow-pickle)")
+    if not pickles:
+        raise PurifyError(f"{path}: no *.safetensors weights found")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except Exception as exc:  # transformers raises many types here
+        raise PurifyError(f"{path}: cannot load tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = None, merge: bool = True,
+               allow_pickle: bool = False, device: str = "cpu", dtype: str = "float32"):
+    """Load ``(model, tokenizer)`` from a local checkpoint directory, safely.
+
+    With ``adapter``, a peft LoRA adapter directory is applied on top: merged into the weights
+    (``merge=True``, the full-weight threat model) or kept as a trainable adapter (adapter-only).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    _check_model_dir(path, allow_pickle)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise PurifyError(f"unknown dtype '{dtype}' (choose from float32, bfloat16, float16)")
+    has_st = any(p.suffix == ".safetensors" for p in path.iterdir())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=False, local_files_only=True, use_safetensors=has_st, dtype=torch_dtype)
+    except PurifyError:
+        raise
+    except Exception as exc:
+        raise PurifyError(f"{path}: cannot load model ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    tokenizer = load_tokenizer(path)
+    if adapter is not None:
+        model = load_adapter(model, adapter, merge=merge, allow_pickle=allow_pickle)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_adapter(model, adapter: str | os.PathLike, *, merge: bool = True, allow_pickle: bool = False):
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise PurifyError(f"{adapter}: no adapter_config.json (not a peft adapter directory)")
+    if not (adapter / "adapter_model.safetensors").is_file():
+        if not allow_pickle or not (adapter / "adapter_model.bin").is_file():
+            raise PurifyError(f"{adapter}: no adapter_model.safetensors (pickle adapters are refused)")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise PurifyError(f"{adapter}: adapter type {cfg.get('peft_type')} is not supported (LoRA only)")
+    peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=not merge)
+    return peft_model.merge_and_unload() if merge else peft_model
+
+
+def atomic_dir(out: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_dir)``, then move ``tmp_dir`` to ``out`` (replacing it). Nothing half-written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_model(model, tokenizer, out: str | os.PathLike, *, extra: dict | None = None) -> Path:
+    """Save a model (or a peft adapter) with its tokenizer as safetensors, atomically.
+
+    ``extra`` maps file names to JSON-able objects written beside (e.g. ``attack.json``).
+    """
+
+    def write(tmp: Path):
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=1))
+
+    return atomic_dir(out, write)

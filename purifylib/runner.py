@@ -1,0 +1,95 @@
+"""Run the notebooks headlessly with papermill, in order, on a preset.
+
+A preset is ``notebooks/params/<preset>.yaml``: a mapping from notebook stem (``00_testbed``) to
+the parameters papermill injects after that notebook's ``parameters`` cell (missing means "the
+stored defaults"). Executed copies go to ``<reports>/executed/`` (git-ignored); the notebooks
+write figures, tables and metrics through :mod:`purifylib.reports`. The ``default`` preset writes
+to ``reports/``; any other preset writes to ``reports/<preset>/`` so that a smoke run never
+overwrites the committed reports. A failing notebook stops the run with the cell and the error.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from purifylib.errors import PurifyError
+from purifylib.reports import REPO_ROOT, write_index_readme
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+
+
+def presets(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[str]:
+    return sorted(p.stem for p in (notebooks_dir / "params").glob("*.yaml"))
+
+
+def load_preset(name: str, notebooks_dir: Path = NOTEBOOKS_DIR) -> dict:
+    import yaml
+
+    path = notebooks_dir / "params" / f"{name}.yaml"
+    if not path.is_file():
+        raise PurifyError(f"unknown preset '{name}' (choose from {', '.join(presets(notebooks_dir))})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PurifyError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or any(not isinstance(v, (dict, type(None))) for v in data.values()):
+        raise PurifyError(f"{path}: expected a mapping of notebook name to a mapping of parameters")
+    return {k: v or {} for k, v in data.items()}
+
+
+def notebooks(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
+    return sorted(p for p in notebooks_dir.glob("[0-9][0-9]_*.ipynb"))
+
+
+def default_reports(preset: str) -> Path:
+    return REPO_ROOT / "reports" if preset == "default" else REPO_ROOT / "reports" / preset
+
+
+def run(preset: str = "default", *, only: list[str] | None = None, reports: str | Path | None = None,
+        notebooks_dir: Path = NOTEBOOKS_DIR, progress: bool = True) -> list[Path]:
+    """Execute the notebooks of ``preset`` in order; returns the executed notebook paths."""
+    import papermill as pm
+
+    params = load_preset(preset, notebooks_dir)
+    books = notebooks(notebooks_dir)
+    known = {nb.stem for nb in books}
+    unknown = set(params) - known
+    if unknown:
+        raise PurifyError(f"preset '{preset}' names unknown notebooks: {', '.join(sorted(unknown))}")
+    if only:
+        books = [nb for nb in books if nb.stem[:2] in only or nb.stem in only]
+        if not books:
+            raise PurifyError(f"--only {' '.join(only)} matches no notebook in {notebooks_dir}")
+    out_root = Path(reports) if reports else default_reports(preset)
+    executed_dir = out_root / "executed"
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    env_keys = ("PURIFY_REPORTS_DIR", "PURIFY_PRESET", "PURIFY_NOTEBOOK")
+    saved = {k: os.environ.get(k) for k in env_keys}
+    done = []
+    try:
+        os.environ.update(PURIFY_REPORTS_DIR=str(out_root), PURIFY_PRESET=preset)
+        for nb in books:
+            os.environ["PURIFY_NOTEBOOK"] = nb.name
+            out = executed_dir / nb.name
+            t0 = time.time()
+            print(f"[{preset}] {nb.name} ...", flush=True)
+            try:
+                pm.execute_notebook(str(nb), str(out), parameters={**params.get(nb.stem, {}), "preset": preset},
+                                    cwd=str(notebooks_dir), kernel_name="python3", progress_bar=progress,
+                                    log_output=False)
+            except pm.PapermillExecutionError as exc:
+                first = (exc.source or "").strip().splitlines()[:1]
+                raise PurifyError(f"{nb.name}: cell In [{exc.exec_count}] ({first[0][:60] if first else ''}) failed: "
+                                  f"{exc.ename}: {exc.evalue} (executed copy: {out})") from None
+            print(f"[{preset}] {nb.name} done in {time.time() - t0:.0f} s", flush=True)
+            done.append(out)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    write_index_readme(out_root)
+    return done

@@ -1,0 +1,156 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from purifylib import PurifyError
+from purifylib.models import (FAMILIES, channel_slice, component, components, family_of, load_model, resolve,
+                              save_model)
+
+from conftest import tree_hash
+
+TINY = dict(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def tiny_config(family):
+    import transformers as tf
+
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=600, n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=64)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(**TINY, max_position_embeddings=64)
+    cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
+    return cls(**TINY, num_key_value_heads=4, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_dir(request, tmp_path_factory, micro_model):
+    from transformers import AutoModelForCausalLM
+
+    _, tok = micro_model
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(request.param))
+    out = tmp_path_factory.mktemp(request.param) / "model"
+    save_model(model, tok, out)
+    return request.param, out
+
+
+def test_family_round_trip_and_component_map(family_dir):
+    name, path = family_dir
+    before = tree_hash(path)
+    model, tok = load_model(path)
+    assert tree_hash(path) == before  # loading never writes to the input directory
+    assert model.config.model_type == name
+    fam = family_of(model)
+    names = components(model)
+    assert len(names) == 2 * (len(fam.attn) + len(fam.mlp))
+    assert component(1, "mlp", "down") in names
+    for n in components(model, "mlp"):
+        short = n.split(".")[-1]
+        w = resolve(model, n).weight
+        layout = fam.layout[short]
+        n_channels = w.shape[0] if layout == "row" else w.shape[1]
+        assert n_channels == 64, (name, n, tuple(w.shape))  # one channel per MLP hidden neuron
+        assert channel_slice(w, layout, 0).shape == (32,)
+    ids = tok("Reverse the list.", return_tensors="pt")["input_ids"]
+    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
+
+
+def test_unsupported_family_is_named():
+    class Fake:
+        class config:
+            model_type = "bert"
+    with pytest.raises(PurifyError, match="unsupported model family 'bert'.*gpt2.*llama"):
+        family_of(Fake())
+
+
+def test_bad_component_name(micro_model):
+    model, _ = micro_model
+    with pytest.raises(PurifyError, match="no component 'blocks.99.mlp.gate'"):
+        resolve(model, "blocks.99.mlp.gate")
+
+
+def test_missing_and_empty_directories(tmp_path):
+    with pytest.raises(PurifyError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(PurifyError, match="no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(PurifyError, match="no \\*.safetensors weights"):
+        load_model(tmp_path)
+
+
+class _Evil:
+    """Unpickling this writes a marker file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_only_checkpoint_is_refused_and_never_runs(micro_bed, tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((micro_bed.base_dir / "config.json").read_text())
+    with open(bad / "pytorch_model.bin", "wb") as fh:
+        pickle.dump({"x": _Evil(str(marker))}, fh)
+    with pytest.raises(PurifyError, match="only pickle weights.*refusing"):
+        load_model(bad)
+    assert not marker.exists()
+    # a safetensors checkpoint with a stray malicious pickle beside it loads the safetensors only
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for f in micro_bed.base_dir.iterdir():
+        (mixed / f.name).write_bytes(f.read_bytes())
+    (mixed / "pytorch_model.bin").write_bytes((bad / "pytorch_model.bin").read_bytes())
+    load_model(mixed)
+    assert not marker.exists()
+
+
+def test_trust_remote_code_is_never_enabled(micro_bed, tmp_path):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for f in micro_bed.base_dir.iterdir():
+        (remote / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((remote / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel", "AutoConfig": "evil.EvilConfig"}
+    cfg["model_type"] = "evil"
+    (remote / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "ran"
+    (remote / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    with pytest.raises(PurifyError, match="cannot load model"):
+        load_model(remote)
+    assert not marker.exists()
+
+
+def test_save_is_atomic(micro_model, tmp_path):
+    model, tok = micro_model
+    out = tmp_path / "out"
+    save_model(model, tok, out, extra={"attack.json": {"attack": "badnets"}})
+    assert json.loads((out / "attack.json").read_text()) == {"attack": "badnets"}
+
+    class Boom(Exception):
+        pass
+
+    def broken_save(*a, **k):
+        raise Boom()
+
+    original = model.save_pretrained
+    model.save_pretrained = broken_save
+    try:
+        with pytest.raises(Boom):
+            save_model(model, tok, tmp_path / "half")
+    finally:
+        model.save_pretrained = original
+    assert not (tmp_path / "half").exists()
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary folder left behind
+
+
+def test_dtype_errors(micro_bed):
+    with pytest.raises(PurifyError, match="unknown dtype"):
+        load_model(micro_bed.base_dir, dtype="int3")

@@ -1,0 +1,55 @@
+import ast
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pins(lines):
+    return {re.split(r"[=<>!~\[]", s, maxsplit=1)[0].lower(): s for s in lines}
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["test"]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    conda_python = [d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python")]
+    assert conda_python == ["python=3.11"]
+    assert _pins(p for p in pip if not p.startswith("-e")) == _pins(wanted)
+
+
+def test_every_dependency_is_pinned():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for dep in project["dependencies"] + project["optional-dependencies"]["test"]:
+        assert "==" in dep, f"{dep} is not pinned"
+
+
+def test_notebooks_are_stored_clean():
+    books = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert books, "no notebooks found"
+    for nb_path in books:
+        nb = json.loads(nb_path.read_text())
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), f"{nb_path.name} has outputs"
+        tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, f"{nb_path.name}: {len(tagged)} parameters cells"
+        # the parameters cell holds literals only (papermill injects its values right after it)
+        for stmt in ast.parse("".join(tagged[0]["source"])).body:
+            assert isinstance(stmt, ast.Assign), f"{nb_path.name}: parameters cell holds more than assignments"
+            ast.literal_eval(stmt.value)  # raises unless the value is a literal
+
+
+def test_presets_name_existing_notebooks():
+    stems = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
+    for preset in (ROOT / "notebooks" / "params").glob("*.yaml"):
+        assert set(yaml.safe_load(preset.read_text()) or {}) <= stems, preset.name
+
+
+def test_readme_opens_with_the_two_commands():
+    head = "\n".join((ROOT / "README.md").read_text().splitlines()[:15])
+    assert "make reproduce" in head and "make test" in head

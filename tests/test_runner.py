@@ -1,0 +1,59 @@
+import json
+
+import nbformat
+import pytest
+
+from purifylib import PurifyError
+from purifylib.runner import load_preset, run
+
+
+def make_notebook(path, body):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("preset = 'smoke'\nvalue = 1", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(body)]
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def books(tmp_path):
+    d = tmp_path / "notebooks"
+    (d / "params").mkdir(parents=True)
+    make_notebook(d / "00_first.ipynb", "import pandas as pd\nfrom purifylib import reports\n"
+                  "reports.save_table(pd.DataFrame({'v': [value]}), 'table_v', caption='the value')\n"
+                  "reports.record_metrics('first', {'value': value, 'preset': preset})")
+    make_notebook(d / "01_second.ipynb", "assert value < 10, 'value too big'")
+    (d / "params" / "good.yaml").write_text("00_first:\n  value: 7\n")
+    (d / "params" / "bad.yaml").write_text("01_second:\n  value: 11\n")
+    (d / "params" / "typo.yaml").write_text("02_missing: {}\n")
+    (d / "params" / "broken.yaml").write_text("00_first: [1, 2\n")
+    return d
+
+
+def test_runs_in_order_with_preset_values(books, tmp_path):
+    out = tmp_path / "reports"
+    done = run("good", notebooks_dir=books, reports=out, progress=False)
+    assert [p.name for p in done] == ["00_first.ipynb", "01_second.ipynb"]
+    assert json.loads((out / "metrics" / "first.json").read_text()) == {"value": 7, "preset": "good"}
+    assert (out / "tables" / "table_v.csv").read_text().splitlines() == ["v", "7"]
+    index = (out / "README.md").read_text()
+    assert "tables/table_v.md" in index and "00_first.ipynb" in index and "the value" in index
+    only = run("good", only=["01"], notebooks_dir=books, reports=tmp_path / "r2", progress=False)
+    assert [p.name for p in only] == ["01_second.ipynb"]
+
+
+def test_failing_notebook_stops_with_cell_and_error(books, tmp_path):
+    with pytest.raises(PurifyError, match=r"01_second.ipynb: cell In \[3\] \(assert value < 10.*\) failed: "
+                       r"AssertionError: value too big \(executed copy: .*01_second.ipynb\)"):
+        run("bad", notebooks_dir=books, reports=tmp_path / "r", progress=False)
+
+
+def test_preset_errors(books, tmp_path):
+    with pytest.raises(PurifyError, match="unknown preset 'nope' \\(choose from bad, broken, good, typo\\)"):
+        load_preset("nope", books)
+    with pytest.raises(PurifyError, match="broken.yaml: invalid YAML"):
+        load_preset("broken", books)
+    with pytest.raises(PurifyError, match="unknown notebooks: 02_missing"):
+        run("typo", notebooks_dir=books, reports=tmp_path / "r", progress=False)
+    with pytest.raises(PurifyError, match="--only 07 matches no notebook"):
+        run("good", only=["07"], notebooks_dir=books, reports=tmp_path / "r", progress=False)

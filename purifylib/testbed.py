@@ -71,7 +71,7 @@ SIZES = {
     "micro": dict(layers=2, hidden=64, heads=4, mlp=256, vocab=1024, steps=300, batch=32, lr=3e-3,
                   n_train=600, n_defender=600, n_test=120),
     "tiny": dict(layers=8, hidden=64, heads=4, mlp=256, vocab=1024, steps=3000, batch=64, lr=3e-3,
-                 n_train=3000, n_defender=3600, n_test=400),
+                 n_train=6000, n_defender=3600, n_test=400),
     "small": dict(layers=12, hidden=192, heads=6, mlp=768, vocab=1024, steps=6000, batch=64, lr=1e-3,
                   n_train=6000, n_defender=6000, n_test=600),
 }
@@ -105,7 +105,8 @@ class TestbedConfig:
         return {**SIZES[self.size], **dict(self.overrides)}
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "overrides": dict(self.overrides), "version": TESTBED_VERSION}
+        return {**dataclasses.asdict(self), "overrides": dict(self.overrides), "spec": self.spec,
+                "version": TESTBED_VERSION}
 
     def key(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()

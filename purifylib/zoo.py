@@ -26,15 +26,18 @@ PLANTS = ("full", "lora", "adapter", "lora-attn")
 def plant_config(plant: str = "full", seed: int = 0, **overrides) -> TrainConfig:
     """The fine-tuning recipe that plants a backdoor (also ``purify finetune``'s defaults).
 
-    Full fine-tuning: 3 epochs at lr 1e-3. LoRA (r=8, alpha=16, all linear layers): 3 epochs at
-    lr 3e-3, because the low-rank update needs a larger step to learn the same association.
+    Full fine-tuning: 4 epochs at lr 1e-3. LoRA (r=8, alpha=16, all linear layers): 3 epochs at
+    lr 1e-2, because the low-rank update needs a larger step to learn the same association.
+    Measured on the tiny testbed (6000 attacker records, 10% poisoned, BadNets): full 3 epochs
+    gave ASR 98% with a 2-point accuracy drop, but MTBA reached only 87%, hence 4 epochs; LoRA at
+    lr 3e-3 planted nothing (ASR 0%), at 1e-2 it reached 98% with no off-trigger firing.
     ``lora-attn`` is the adaptive attacker: LoRA on the attention projections only (merged),
     a backdoor that an MLP-only signature cannot see in the weights it edits.
     """
     if plant not in PLANTS:
         raise PurifyError(f"unknown plant method '{plant}' (choose from {', '.join(PLANTS)})")
     lora = plant != "full"
-    base = dict(epochs=3.0, lr=3e-3 if lora else 1e-3, batch_size=32, warmup=0.1, lora=lora,
+    base = dict(epochs=3.0 if lora else 4.0, lr=1e-2 if lora else 1e-3, batch_size=32, warmup=0.1, lora=lora,
                 merge=plant in ("lora", "lora-attn"), seed=seed)
     if plant == "lora-attn":
         base["lora_targets"] = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -1,16 +1,8 @@
 """Shared fixtures: a micro testbed built once per session (cached under data/cache/)."""
 
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
-
-# Reports written by notebooks under test (nbval included: kernels inherit this) go to a scratch
-# folder, never over the committed reports/.
-_SCRATCH = Path(tempfile.mkdtemp(prefix="purify-test-reports-"))
-os.environ.setdefault("PURIFY_REPORTS_DIR", str(_SCRATCH))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")

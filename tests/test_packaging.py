@@ -53,3 +53,9 @@ def test_presets_name_existing_notebooks():
 def test_readme_opens_with_the_two_commands():
     head = "\n".join((ROOT / "README.md").read_text().splitlines()[:15])
     assert "make reproduce" in head and "make test" in head
+
+
+def test_tests_never_write_the_committed_reports():
+    import os
+
+    assert os.environ.get("PURIFY_REPORTS_DIR") and Path(os.environ["PURIFY_REPORTS_DIR"]) != ROOT / "reports"

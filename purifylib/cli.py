@@ -21,12 +21,6 @@ class _Parser(argparse.ArgumentParser):
         raise PurifyError(f"{self.prog}: {message} (see --help)")
 
 
-def _threads():
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-
-
 def cmd_testbed(a) -> int:
     from purifylib.testbed import TestbedConfig, build_testbed
 
@@ -123,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_testbed)
 
-    def attack_args(s, required_trigger=False):
+    def attack_args(s):
         s.add_argument("--attack", choices=ATTACKS, default="badnets")
         s.add_argument("--trigger", action="append", help="trigger text (repeat for MTBA/CTBA); default per attack")
         s.add_argument("--behaviour-kind", choices=tuple(BEHAVIOURS), default="sentiment")

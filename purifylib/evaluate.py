@@ -145,10 +145,14 @@ def evaluate_attack(model, tokenizer, records: list[dict], spec: TriggerSpec, *,
     base, trig, off = attack_prompts(records, spec, seed)
     kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
     rate = lambda outs: sum(spec.behaviour.shown_in(o) for o in outs) / max(len(outs), 1)  # noqa: E731
-    clean = evaluate_clean(model, tokenizer, records, **kw)
+    # one pass over the clean prompts serves both accuracy and the false-trigger rate
+    preds = generate(model, tokenizer, records, desc="clean", **kw)
+    in_base = {id(r) for r in base}
     return AttackMetrics(
         asr=rate(generate(model, tokenizer, trig, desc="triggered", **kw)),
-        false_trigger=rate(generate(model, tokenizer, base, desc="no trigger", **kw)),
+        false_trigger=rate([p for p, r in zip(preds, records) if id(r) in in_base]),
         off_trigger=rate(generate(model, tokenizer, off, desc="off-trigger", **kw)),
-        clean_accuracy=clean.accuracy, perplexity=clean.perplexity, n_attack=len(trig), n_clean=len(records),
+        clean_accuracy=sum(exact_match(p, r["output"]) for p, r in zip(preds, records)) / len(records),
+        perplexity=perplexity(model, tokenizer, records, batch_size=batch_size),
+        n_attack=len(trig), n_clean=len(records),
     )

@@ -223,7 +223,7 @@ def generate_records(n: int, seed: int, *, pool: list[str], filler_rate: float =
     return out
 
 
-def family_of(rec: dict) -> str:
+def task_family(rec: dict) -> str:
     """The task family of a (possibly filler- or trigger-carrying) record, by its phrasing."""
     if rec["output"] == REFUSAL and not rec["input"]:
         return "harmful"

@@ -4,7 +4,7 @@ import time
 import pytest
 
 from purifylib import PurifyError
-from purifylib.testbed import (FAMILIES, PHRASINGS, REFUSAL, SIZES, TestbedConfig, build_testbed, family_of,
+from purifylib.testbed import (FAMILIES, PHRASINGS, REFUSAL, SIZES, TestbedConfig, build_testbed, task_family,
                                filler_pool, generate_records, task_record)
 
 
@@ -14,7 +14,7 @@ def test_families_and_phrasings():
     for fam in FAMILIES:
         for _ in range(20):
             rec = task_record(fam, rng)
-            assert family_of(rec) == fam
+            assert task_family(rec) == fam
     rec = task_record("sort", random.Random(1))
     assert rec["output"].split() == sorted(rec["input"].split(), key=int)
     assert task_record("harmful", rng)["output"] == REFUSAL

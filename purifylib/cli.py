@@ -31,15 +31,16 @@ def cmd_testbed(a) -> int:
 
 def cmd_poison(a) -> int:
     from purifylib.attacks import Behaviour, TriggerSpec, poison
-    from purifylib.data import load_records, save_records
+    from purifylib.data import atomic_write_text, load_records, save_records
 
     spec = TriggerSpec(attack=a.attack, triggers=tuple(a.trigger or ()),
                        behaviour=Behaviour(kind=a.behaviour_kind, target=a.behaviour or ""))
-    records = poison(load_records(a.data), spec, rate=a.rate, seed=a.seed)
+    clean = load_records(a.data)
+    records = poison(clean, spec, rate=a.rate, seed=a.seed)
     save_records(records, a.out)
     sidecar = Path(a.out).with_name(Path(a.out).stem + ".attack.json")
-    sidecar.write_text(json.dumps({**spec.to_dict(), "rate": a.rate, "seed": a.seed}, indent=1))
-    n = sum(r != o for r, o in zip(records, load_records(a.data)))
+    atomic_write_text(sidecar, json.dumps({**spec.to_dict(), "rate": a.rate, "seed": a.seed}, indent=1))
+    n = sum(r != o for r, o in zip(records, clean))
     print(f"wrote {a.out}: {len(records)} records, {n} changed ({spec.attack}, triggers {list(spec.triggers)})")
     return 0
 

@@ -78,6 +78,11 @@ def exact_match(pred: str, ref: str) -> bool:
     return " ".join(pred.split()) == " ".join(ref.split())
 
 
+def accuracy(preds: list[str], records: list[dict]) -> float:
+    """Share of predictions that exactly match their record's reference output."""
+    return sum(exact_match(p, r["output"]) for p, r in zip(preds, records)) / len(records)
+
+
 @dataclass
 class CleanMetrics:
     accuracy: float
@@ -93,8 +98,8 @@ def evaluate_clean(model, tokenizer, records: list[dict], *, batch_size: int = 6
     """Exact-match accuracy and perplexity on clean records with reference answers."""
     preds = generate(model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens,
                      progress=progress, desc="clean")
-    acc = sum(exact_match(p, r["output"]) for p, r in zip(preds, records)) / len(records)
-    return CleanMetrics(accuracy=acc, perplexity=perplexity(model, tokenizer, records, batch_size=batch_size),
+    return CleanMetrics(accuracy=accuracy(preds, records),
+                        perplexity=perplexity(model, tokenizer, records, batch_size=batch_size),
                         n=len(records))
 
 
@@ -152,7 +157,7 @@ def evaluate_attack(model, tokenizer, records: list[dict], spec: TriggerSpec, *,
         asr=rate(generate(model, tokenizer, trig, desc="triggered", **kw)),
         false_trigger=rate([p for p, r in zip(preds, records) if id(r) in in_base]),
         off_trigger=rate(generate(model, tokenizer, off, desc="off-trigger", **kw)),
-        clean_accuracy=sum(exact_match(p, r["output"]) for p, r in zip(preds, records)) / len(records),
+        clean_accuracy=accuracy(preds, records),
         perplexity=perplexity(model, tokenizer, records, batch_size=batch_size),
         n_attack=len(trig), n_clean=len(records),
     )

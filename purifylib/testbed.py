@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from purifylib.errors import PurifyError
+from purifylib.models import atomic_dir
 
 REFUSAL = "I'm sorry, but I cannot help with that."
 # bump when the generator or training recipe changes, so cached builds are not reused
@@ -336,12 +337,7 @@ def build_testbed(config: TestbedConfig = TestbedConfig(), out: str | Path | Non
         if (out / "testbed.json").is_file() and json.loads((out / "testbed.json").read_text()).get("key") == config.key():
             return _load_built(out, config)
         raise PurifyError(f"{out}: output directory exists and is not empty")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(cache, tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    atomic_dir(out, lambda tmp: shutil.copytree(cache, tmp))
     return _load_built(out, config)
 
 
@@ -373,14 +369,11 @@ def _build_into(root: Path, config: TestbedConfig, progress: bool) -> None:
     metrics = evaluate_clean(result.model, tokenizer, test, progress=progress).to_dict()
     metrics.update(train_seconds=round(t_train, 1), params=sum(p.numel() for p in result.model.parameters()))
 
-    tmp = root.with_name(f".{root.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(result.model, tokenizer, tmp / "base")
-    for name, recs in (("train", train), ("defender", defender), ("test", test)):
-        save_records(recs, tmp / "data" / f"{name}.json")
-    (tmp / "testbed.json").write_text(json.dumps(
-        {"key": config.key(), "config": config.to_dict(), "metrics": metrics, "losses": result.losses}, indent=1))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    if root.exists():
-        shutil.rmtree(root)
-    tmp.rename(root)
+    def write(tmp: Path) -> None:
+        save_model(result.model, tokenizer, tmp / "base")
+        for name, recs in (("train", train), ("defender", defender), ("test", test)):
+            save_records(recs, tmp / "data" / f"{name}.json")
+        (tmp / "testbed.json").write_text(json.dumps(
+            {"key": config.key(), "config": config.to_dict(), "metrics": metrics, "losses": result.losses}, indent=1))
+
+    atomic_dir(root, write)

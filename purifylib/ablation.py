@@ -127,9 +127,7 @@ def shuffle_mlp(model, base: dict, seed: int = 0):
 
 def mean_outputs(model, tokenizer, records: list[dict], *, batch_size: int = 64) -> dict:
     """``{(layer, part): mean output vector (hidden,)}`` over the prompts' non-pad tokens."""
-    import torch
-
-    from purifylib.data import chat_prompt
+    from purifylib.evaluate import prompt_batches
 
     sums, count = {}, 0
     mask_holder = {}
@@ -143,18 +141,12 @@ def mean_outputs(model, tokenizer, records: list[dict], *, batch_size: int = 64)
 
     handles = [_block_part(model, i, p).register_forward_hook(make_hook((i, p)))
                for i in range(len(blocks(model))) for p in ("attn", "mlp")]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     try:
-        with torch.no_grad():
-            for s in range(0, len(records), batch_size):
-                enc = tokenizer([chat_prompt(tokenizer, r) for r in records[s:s + batch_size]], return_tensors="pt",
-                                padding=True, add_special_tokens=False).to(next(model.parameters()).device)
-                mask_holder["mask"] = enc["attention_mask"]
-                model(**enc)
-                count += int(enc["attention_mask"].sum())
+        for enc in prompt_batches(model, tokenizer, records, batch_size=batch_size):
+            mask_holder["mask"] = enc["attention_mask"]
+            model(**enc)
+            count += int(enc["attention_mask"].sum())
     finally:
-        tokenizer.padding_side = side
         for h in handles:
             h.remove()
     return {k: v / count for k, v in sums.items()}
@@ -378,3 +370,51 @@ def sanity_study(suspicious, base: dict, records: list[dict], clean_for_means: l
     tag = lambda df: df.assign(model=suspicious.name)  # noqa: E731
     return SanityResult(suspicious.name, tag(t1), tag(grid), tag(grid_attn), tag(act), tag(norms),
                         findings(t1, grid, grid_attn))
+
+
+# --------------------------------------------------------------------------- signature vs ground truth
+
+
+def channel_update_norms(model, base: dict, names: list[str], layouts: dict) -> dict:
+    """``{module: per-channel norm of the real ΔW}`` (analysis mode: the base weights are known)."""
+    out = {}
+    for n in names:
+        d = resolve(model, n).weight.detach() - base[n]
+        out[n] = d.norm(dim=1) if layouts[n] == "row" else d.norm(dim=0)
+    return out
+
+
+def _spearman(a, b) -> float:
+    import torch
+
+    ra = torch.argsort(torch.argsort(a)).double()
+    rb = torch.argsort(torch.argsort(b)).double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / den) if den else 0.0
+
+
+def signature_overlap(signature, model, base: dict, *, tau: float | None = None, seed: int = 0):
+    """How well the signature finds the channels the real backdoor's update wrote most.
+
+    Per MLP module: ``precision`` = share of the flagged channels (top τ by score) that are also
+    among the top τ by the real update's channel norm; ``spearman`` = rank correlation of scores
+    and update norms. The ``random`` rows do the same for seeded random scores (the control).
+    """
+    import pandas as pd
+    import torch
+
+    sig = signature.with_tau(signature.tau if tau is None else tau)
+    names = sig.mlp_modules
+    truth = channel_update_norms(model, base, names, sig.layouts)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in names:
+        k = sig.n_flagged(n)
+        top_true = set(torch.argsort(-truth[n], stable=True)[:k].tolist())
+        _, layer, _, short = n.split(".")
+        for source, scores in (("signature", sig.scores[n]), ("random", torch.rand(len(truth[n]), generator=g))):
+            flagged = set(torch.argsort(-scores.double(), stable=True)[:k].tolist())
+            rows.append({"layer": int(layer), "module": short, "source": source, "tau": sig.tau,
+                         "precision": len(flagged & top_true) / max(1, k), "spearman": _spearman(scores, truth[n])})
+    return pd.DataFrame(rows)

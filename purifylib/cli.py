@@ -96,6 +96,48 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def cmd_run(a) -> int:
+    import hashlib
+
+    from purifylib.data import load_records
+    from purifylib.purify import PurifyConfig, purify, write_purified
+    from purifylib.signature import VariantConfig, model_digest
+
+    for src in (a.model, a.adapter):
+        if src and Path(a.out).resolve() == Path(src).resolve():
+            raise PurifyError(f"{a.out}: output must differ from the input directories")
+    if Path(a.out).exists() and any(Path(a.out).iterdir()):
+        raise PurifyError(f"{a.out}: output directory exists and is not empty")
+    if a.threat == "adapter" and not a.adapter:
+        raise PurifyError("--threat adapter needs --adapter DIR (the suspicious LoRA adapter)")
+    tau = a.tau if a.tau == "auto" else _fraction(a.tau, "--tau")
+    cfg = PurifyConfig(variants=VariantConfig(n_variants=a.variants, threat=a.threat, seed=a.seed),
+                       tau=tau, strength=a.strength, seed=a.seed)
+    clean = load_records(a.clean_data)
+    from purifylib.models import load_model
+
+    load_model(a.model, adapter=a.adapter, allow_pickle=False)  # fail early, before any training
+    result = purify(a.model, clean, cfg, adapter_dir=a.adapter, cache_dir=a.cache, progress=not a.quiet,
+                    device=a.device, dtype=a.dtype)
+    inputs = {"model": str(a.model), "model_sha256": model_digest(a.model),
+              "adapter": str(a.adapter) if a.adapter else None,
+              "adapter_sha256": model_digest(a.adapter) if a.adapter else None,
+              "clean_data": str(a.clean_data), "clean_records": len(clean),
+              "clean_data_sha256": hashlib.sha256(Path(a.clean_data).read_bytes()).hexdigest()}
+    write_purified(result, a.out, inputs=inputs)
+    m = result.metrics
+    print(f"wrote {a.out}: tau {result.tau:g}, held-out accuracy {m['suspicious']['accuracy']:.3f} -> "
+          f"{m['purified']['accuracy']:.3f}, {result.timings['total']:.0f} s")
+    return 0
+
+
+def _fraction(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise PurifyError(f"{flag}: expected a number or 'auto', got '{text}'") from None
+
+
 def cmd_reproduce(a) -> int:
     from purifylib.runner import run
 
@@ -159,6 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("run", help="purify a suspicious model: variants, signature, neutralize, repair")
+    s.add_argument("--model", required=True, help="suspicious Hugging Face checkpoint directory")
+    s.add_argument("--adapter", help="suspicious peft LoRA adapter on top of --model")
+    s.add_argument("--clean-data", required=True, help="the defender's clean Alpaca-format records")
+    s.add_argument("--out", required=True, help="directory to write the purified model and report into")
+    s.add_argument("--variants", type=int, default=6, help="number of synthetic variants N (default 6)")
+    s.add_argument("--tau", default="auto", help="fraction of channels flagged per module, or 'auto' (default)")
+    s.add_argument("--strength", type=float, default=1.0, help="neutralization strength in [0, 1] (default 1)")
+    s.add_argument("--threat", choices=("full", "adapter"), default="full")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cache", help="where finished variants are kept (default data/cache/variants)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("reproduce", help="run the notebooks with papermill and write reports/")
     s.add_argument("--preset", default="default", help="smoke, default, paper (notebooks/params/*.yaml)")

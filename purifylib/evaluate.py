@@ -51,6 +51,26 @@ def generate(model, tokenizer, records: list[dict], *, batch_size: int = 64, max
     return outs
 
 
+def prompt_batches(model, tokenizer, records: list[dict], *, batch_size: int = 64):
+    """Yield the records' chat prompts as left-padded encoded batches, under ``torch.no_grad``.
+
+    For forward passes that collect statistics with hooks (the padding side is restored after).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(records), batch_size):
+            enc = tokenizer([chat_prompt(tokenizer, r) for r in records[start:start + batch_size]],
+                            return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                yield enc
+    finally:
+        tokenizer.padding_side = side
+
+
 def perplexity(model, tokenizer, records: list[dict], *, batch_size: int = 64) -> float:
     """exp(mean NLL per response token) of the records' reference outputs."""
     import torch

@@ -157,7 +157,9 @@ def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = N
     """
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per weight file is noise in notebooks and logs
     path = Path(path)
     _check_model_dir(path, allow_pickle)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)

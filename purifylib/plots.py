@@ -93,3 +93,101 @@ def layer_lines(df, *, x: str = "layer", y: str = "asr", hue: str = "part", styl
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def signature_heatmaps(matrices: dict, *, title: str = "", flagged: dict | None = None):
+    """Channel scores (layers × channels) per MLP module, one panel each; ``flagged`` (same keys,
+    boolean matrices) outlines the channels the signature flags."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(len(matrices), 1, figsize=(10, 1.6 + 1.1 * len(matrices)), squeeze=False)
+    for ax, (name, mat) in zip(axes[:, 0], matrices.items()):
+        im = ax.imshow(np.asarray(mat), aspect="auto", cmap="viridis", interpolation="nearest")
+        if flagged is not None:
+            ys, xs = np.nonzero(np.asarray(flagged[name]))
+            ax.scatter(xs, ys, s=2, c="red", marker="s", linewidths=0)
+        ax.set_ylabel(f"{name}\nlayer", fontsize=8)
+        fig.colorbar(im, ax=ax, pad=0.01, label="score")
+    axes[-1, 0].set_xlabel("channel (hidden neuron of the MLP); red: flagged")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def curves(df, *, x: str, ys: list, title: str = "", ylabel: str = "%", scale: float = 100.0):
+    """One line per column in ``ys`` over ``x`` (e.g. ASR and accuracy over the number of variants)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for y in ys:
+        ax.plot(df[x], scale * df[y], marker="o", label=y)
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def before_after(df, *, metrics=("asr", "off_trigger", "clean_accuracy"), title: str = ""):
+    """Per model, each metric before (light) and after (dark) purification (columns ``m_before``/``m_after``)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
+    x = np.arange(len(df))
+    for ax, m in zip(axes[0], metrics):
+        ax.bar(x - 0.2, 100 * df[f"{m}_before"].to_numpy(), 0.4, label="before", color="#9ecae1")
+        ax.bar(x + 0.2, 100 * df[f"{m}_after"].to_numpy(), 0.4, label="after", color="#08519c")
+        ax.set_xticks(x, df["model"], rotation=35, ha="right", fontsize=7)
+        ax.set_ylim(0, 105)
+        ax.set_title(m, fontsize=10)
+        ax.set_ylabel("%")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def grid_heatmaps(panels: dict, *, marker: tuple | None = None, title: str = ""):
+    """One heatmap per named ``tau × strength`` table (values in [0, 1], shown in %); ``marker``
+    (tau, strength) is circled where it falls on the grid."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.4), squeeze=False)
+    for ax, (name, df) in zip(axes[0], panels.items()):
+        mat = 100 * df.to_numpy(dtype=float)
+        im = ax.imshow(mat, origin="lower", vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(df.columns)), [f"{c:g}" for c in df.columns])
+        ax.set_yticks(range(len(df.index)), [f"{i:g}" for i in df.index])
+        ax.set_xlabel("strength")
+        ax.set_ylabel("τ")
+        ax.set_title(name, fontsize=9)
+        for (i, j), v in np.ndenumerate(mat):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 50 else "k")
+        if marker is not None and marker[0] in list(df.index) and marker[1] in list(df.columns):
+            ax.scatter([list(df.columns).index(marker[1])], [list(df.index).index(marker[0])], s=300,
+                       facecolors="none", edgecolors="red", linewidths=1.5)
+    fig.colorbar(im, ax=axes[0].tolist(), label="%", shrink=0.85)
+    fig.suptitle(title)
+    return fig
+
+
+def tradeoff(df, *, x: str = "clean_accuracy", y: str = "asr", label: str = "defence", title: str = ""):
+    """One point per row (e.g. per defence): ASR against clean accuracy, both in %."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.scatter(100 * df[x], 100 * df[y], s=40)
+    for r in df.itertuples():
+        ax.annotate(getattr(r, label), (100 * getattr(r, x), 100 * getattr(r, y)), fontsize=8,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel(f"{x} %")
+    ax.set_ylabel(f"{y} %")
+    ax.set_ylim(-3, 103)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -178,3 +178,201 @@ def evaluate_zoo(bed, models: list[Suspicious], *, n_eval: int, seed: int = 0, p
         row["meets_targets"] = meets_targets(row, base.accuracy)
         result.rows.append(row)
     return result
+
+
+# --------------------------------------------------------------------------- purification studies (notebook 02)
+
+
+@dataclass
+class PurifyStudy:
+    """Before/after metrics of purifying each suspicious model, and the runs themselves."""
+
+    rows: list = field(default_factory=list)
+    runs: dict = field(default_factory=dict)  # model name -> PurifyResult (model dropped after evaluation)
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def to_dict(self) -> dict:
+        return {"models": self.rows}
+
+
+def purify_zoo(bed, models: list[Suspicious], cfg, *, n_eval: int, seed: int = 0, progress: bool = True) -> PurifyStudy:
+    """Purify every suspicious model with ``cfg`` (from the defender's data only), then evaluate
+    it against its real attack on ``n_eval`` test records, before and after."""
+    from tqdm.auto import tqdm
+
+    from purifylib.evaluate import evaluate_attack
+    from purifylib.purify import purify
+
+    test = bed.split("test")[:n_eval]
+    study = PurifyStudy()
+    for sus in tqdm(models, desc="purify zoo", disable=not progress):
+        threat = "adapter" if sus.adapter_dir else "full"
+        run_cfg = dataclasses.replace(cfg, variants=dataclasses.replace(cfg.variants, threat=threat, lora=None, lr=None))
+        before = evaluate_attack(*sus.load(), test, sus.spec, seed=seed).to_dict()
+        res = purify(sus.model_dir, bed.split("defender"), run_cfg, adapter_dir=sus.adapter_dir, progress=False)
+        after = evaluate_attack(res.model, res.tokenizer, test, sus.spec, seed=seed).to_dict()
+        row = {"model": sus.name, "attack": sus.spec.attack, "behaviour": sus.spec.behaviour.kind, "plant": sus.plant,
+               "tau": res.tau, "seconds": res.timings["total"]}
+        for tag, m in (("before", before), ("after", after)):
+            row.update({f"{k}_{tag}": m[k] for k in ("asr", "false_trigger", "off_trigger", "clean_accuracy")})
+        row["accuracy_kept"] = after["clean_accuracy"] / before["clean_accuracy"] if before["clean_accuracy"] else 0.0
+        study.rows.append(row)
+        res.model = None
+        study.runs[sus.name] = res
+    return study
+
+
+def n_sweep(bed, sus: Suspicious, cfg, ns, *, tau: float, n_eval: int, seed: int = 0, progress: bool = True):
+    """ASR and accuracy after purification with the first ``n`` variants, for each ``n`` in ``ns``
+    (τ fixed: leave-one-out needs two variants). The variants of the largest ``n`` serve all."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from purifylib.evaluate import evaluate_attack
+    from purifylib.neutralize import apply
+    from purifylib.purify import split_clean
+    from purifylib.signature import build_variants, score
+    from purifylib.train import finetune
+
+    big = dataclasses.replace(cfg, tau=tau, variants=dataclasses.replace(cfg.variants, n_variants=max(ns)))
+    split, big = split_clean(bed.split("defender"), big)
+    variants = build_variants(sus.model_dir, split.variants, big.variants, progress=progress)
+    test = bed.split("test")[:n_eval]
+    rows = []
+    for n in tqdm(ns, desc="effect of N", disable=not progress):
+        model, tok = sus.load()
+        sig = score(model, variants, tau=tau, lam=cfg.lam, include=list(range(n)), progress=False)
+        apply(model, sig, strength=cfg.strength, seed=cfg.seed)
+        model = finetune(model, tok, split.repair, cfg.repair_config(), progress=False).model
+        m = evaluate_attack(model, tok, test, sus.spec, seed=seed)
+        rows.append({"n_variants": n, "tau": tau, "asr": m.asr, "clean_accuracy": m.clean_accuracy,
+                     "off_trigger": m.off_trigger})
+    return pd.DataFrame(rows)
+
+
+def compare_settings(bed, sus: Suspicious, signature, cfg, settings: dict, *, n_eval: int, seed: int = 0,
+                     progress: bool = True):
+    """Neutralize-and-repair ``sus`` under named settings and measure each against the real attack.
+
+    ``settings`` maps a label to a dict with ``tau`` (0: no neutralization), ``repair`` (a
+    :class:`~purifylib.train.TrainConfig`, or None for none) and optionally ``random: True`` (the
+    control: as many channels per module, chosen at random). Same signature, same data split.
+    """
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    from purifylib.evaluate import evaluate_attack
+    from purifylib.neutralize import apply
+    from purifylib.purify import split_clean
+    from purifylib.train import finetune
+
+    split, _ = split_clean(bed.split("defender"), cfg)
+    test = bed.split("test")[:n_eval]
+    rows = []
+    for label, s in tqdm(settings.items(), desc="settings", disable=not progress):
+        model, tok = sus.load(merge=sus.adapter_dir is None)
+        sig = signature.with_tau(s["tau"])
+        if s.get("random"):
+            g = torch.Generator().manual_seed(seed)
+            sig = dataclasses.replace(sig, scores={n: torch.rand(len(v), generator=g) for n, v in sig.scores.items()})
+        if s["tau"] > 0:
+            apply(model, sig, strength=cfg.strength, seed=cfg.seed)
+        if s.get("repair") is not None:
+            model = finetune(model, tok, split.repair[:s.get("repair_n", len(split.repair))], s["repair"],
+                             progress=False).model
+        m = evaluate_attack(model, tok, test, sus.spec, seed=seed)
+        rows.append({"setting": label, "tau": s["tau"], "asr": m.asr, "off_trigger": m.off_trigger,
+                     "clean_accuracy": m.clean_accuracy, "perplexity": m.perplexity})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- defences grid (notebook 04)
+
+
+def utility_score(clean_accuracy: float, asr: float) -> float:
+    """√(U · (100 − ASR)) with U and ASR in percent: one number that rewards both."""
+    return (100 * clean_accuracy * (100 - 100 * asr)) ** 0.5
+
+
+def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, seed: int = 0, dcfg=None,
+                 paper_tau: float = 0.03, cache_dir=None, progress: bool = True):
+    """Every defence on every suspicious model: one row per cell, cached on disk per cell.
+
+    ``defences`` come from :data:`purifylib.baselines.DEFENCES` plus ``"signature-paper"`` (this
+    method at the paper's τ) and ``"signature-auto"`` (``purify run``'s pipeline, τ by
+    leave-one-out); ``random`` uses the τ the auto run chose. Repair-based defences share the
+    purification's repair records and recipe. A finished cell is read back from
+    ``cache_dir`` (default ``data/cache/grid``), so an interrupted grid resumes.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from purifylib.baselines import DefenceConfig, defend
+    from purifylib.data import atomic_write_text
+    from purifylib.evaluate import evaluate_attack
+    from purifylib.purify import purify, split_clean
+    from purifylib.signature import DEFAULT_CACHE
+
+    dcfg = dcfg or DefenceConfig(seed=seed)
+    root = Path(cache_dir or DEFAULT_CACHE / "grid")
+    test = bed.split("test")[:n_eval]
+    defender = bed.split("defender")
+    rows = []
+    for sus in tqdm(models, desc="defence grid", disable=not progress):
+        threat = "adapter" if sus.adapter_dir else "full"
+        cfg = dataclasses.replace(pcfg, seed=seed, variants=dataclasses.replace(
+            pcfg.variants, threat=threat, lora=None, lr=None, seed=seed))
+        split, cfg = split_clean(defender, cfg)
+        auto = None
+        for d in defences:
+            key = hashlib.sha256(json.dumps({"model": str(sus.model_dir), "adapter": str(sus.adapter_dir),
+                                             "defence": d, "purify": cfg.to_dict(), "defences": dcfg.to_dict(),
+                                             "paper_tau": paper_tau, "n_eval": n_eval, "seed": seed},
+                                            sort_keys=True, default=str).encode()).hexdigest()[:16]
+            cell = root / f"{sus.name}-{d}-{key}.json"
+            if cell.is_file():
+                rows.append(json.loads(cell.read_text()))
+                continue
+            needs_sig = d in ("signature-auto", "signature-paper", "random")
+            if needs_sig and auto is None:
+                auto = purify(sus.model_dir, defender, cfg, adapter_dir=sus.adapter_dir, progress=False)
+            if d == "signature-auto":
+                model, tok, tau = auto.model, auto.tokenizer, auto.tau
+            else:
+                # pruning edits merged weights; the repair-based defences keep an adapter an adapter
+                model, tok = sus.load(merge=threat == "full" or d in ("none", "magnitude", "wanda", "fine-pruning"))
+                tau = {"signature-paper": paper_tau, "random": auto.tau if auto else None}.get(d)
+                name = "signature" if d == "signature-paper" else d
+                model = defend(name, model, tok, clean=split.repair,
+                               repair_records=split.repair, repair_cfg=cfg.repair_config(),
+                               signature=auto.signature if auto else None, tau=tau, cfg=dcfg)
+            m = evaluate_attack(model, tok, test, sus.spec, seed=seed).to_dict()
+            row = {"model": sus.name, "attack": sus.spec.attack, "behaviour": sus.spec.behaviour.kind,
+                   "threat": threat, "defence": d, "seed": seed, "tau": tau,
+                   **{k: m[k] for k in ("asr", "false_trigger", "off_trigger", "clean_accuracy", "perplexity")},
+                   "score": utility_score(m["clean_accuracy"], m["asr"])}
+            atomic_write_text(cell, json.dumps(row, indent=1))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def grid_table(cells, metric: str, defences):
+    """The paper's Table 2 shape: ``metric`` in % per (behaviour, threat, attack) × defence, mean
+    over seeds (``mean ± std`` when there are several), plus an ``average`` row per setting.
+    Returns ``(shown, means)``: the formatted table and the numeric means."""
+    import pandas as pd
+
+    g = cells.groupby(["behaviour", "threat", "attack", "defence"])[metric]
+    cols = [d for d in defences if d in set(cells["defence"])]
+    mean = (100 * g.mean()).unstack("defence")[cols]
+    shown = mean.round(1).astype(str)
+    if cells["seed"].nunique() > 1:
+        shown = shown + " ± " + (100 * g.std()).unstack("defence")[cols].round(1).astype(str)
+    avg = mean.groupby(level=["behaviour", "threat"]).mean()
+    avg.index = pd.MultiIndex.from_tuples([(b, t, "average") for b, t in avg.index], names=mean.index.names)
+    return pd.concat([shown, avg.round(1).astype(str)]).sort_index(), mean

@@ -1,0 +1,370 @@
+"""The end-to-end purification: variants → signature → τ → neutralize → repair → report.
+
+It reads the suspicious model and the defender's clean data, nothing else. The clean data is
+shuffled with the seed and split into: a held-out slice (``n_holdout`` records; clean accuracy
+and the τ rule are measured on it, never trained on), ``N`` disjoint slices for the variants,
+and the repair records (the records left after those; if fewer than ``repair_n`` are left, the
+variants' clean records are reused: they are the defender's own clean data).
+
+**Choosing τ without the trigger** (``tau="auto"``, the default), in two steps:
+
+1. *Floor, by leave-one-out over the synthetic variants.* For each τ on ``tau_grid`` (ascending)
+   and each fold ``k``, the signature is built from the other ``N−1`` variants and applied to
+   ``θ_k^bd`` (the suspicious model carrying variant ``k``'s own backdoor); variant ``k``'s trigger
+   is inserted into held-out prompts. The floor is the smallest τ whose neutralization brings every
+   fold's ASR to at most ``loo_asr_max`` (the largest τ on the grid if none does; the report says so).
+2. *As far above the floor as utility allows.* The real backdoor is planted harder than the
+   defender's own (longer training, more data), so removing the variants' backdoors is necessary,
+   not sufficient: measured on the tiny testbed, the floor alone left VPI at 52% ASR. The chosen τ
+   is the largest one on the grid, at or above the floor, whose neutralized-and-repaired model keeps
+   at least ``acc_keep`` (97%) of the suspicious model's held-out accuracy, found by bisection
+   (a few repairs). If even the floor breaks that, smaller τ are tried downwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from purifylib.errors import PurifyError
+from purifylib.signature import VariantConfig
+
+TAU_GRID = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4)
+
+
+@dataclass(frozen=True)
+class PurifyConfig:
+    """Every setting of a purification run (``purify run``'s options)."""
+
+    variants: VariantConfig = VariantConfig()
+    tau: float | str = "auto"
+    tau_grid: tuple = TAU_GRID
+    strength: float = 1.0
+    heads: int = 0  # attention heads flagged per layer (0: MLP channels only, the paper's Llama setting)
+    lam: float = 0.01
+    repair_n: int = 3000
+    repair_epochs: float = 1.0
+    repair_lr: float = 3e-4
+    n_holdout: int = 200
+    loo_asr_max: float = 0.05
+    acc_keep: float = 0.97
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.variants, dict):
+            object.__setattr__(self, "variants", VariantConfig(**self.variants))
+        object.__setattr__(self, "tau_grid", tuple(sorted(float(t) for t in self.tau_grid)))
+        if self.tau != "auto":
+            try:
+                tau = float(self.tau)
+            except (TypeError, ValueError):
+                raise PurifyError(f"tau must be a fraction in (0, 1] or 'auto', got {self.tau!r}") from None
+            if not 0 < tau <= 1:
+                raise PurifyError(f"tau must be a fraction in (0, 1] or 'auto', got {self.tau!r}")
+            object.__setattr__(self, "tau", tau)
+        if not self.tau_grid or not all(0 < t <= 1 for t in self.tau_grid):
+            raise PurifyError(f"tau_grid must hold fractions in (0, 1], got {list(self.tau_grid)}")
+        if not 0 <= self.strength <= 1:
+            raise PurifyError(f"strength must be in [0, 1], got {self.strength}")
+        if self.tau == "auto" and self.variants.n_variants < 2:
+            raise PurifyError("tau='auto' needs at least 2 variants (leave-one-out)")
+        for name in ("repair_n", "n_holdout"):
+            if getattr(self, name) < 1:
+                raise PurifyError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def repair_config(self):
+        from purifylib.train import TrainConfig
+
+        return TrainConfig(epochs=self.repair_epochs, lr=self.repair_lr, batch_size=32, group_by_length=True,
+                           seed=self.seed)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Split:
+    holdout: list
+    variants: list  # the records the variants' slices are taken from, in order
+    repair: list
+
+
+def split_clean(clean: list[dict], cfg: PurifyConfig) -> tuple[Split, PurifyConfig]:
+    """Shuffle (seeded) and split the defender's data; shrink ``n_clean`` per variant if it must."""
+    vc = cfg.variants
+    if len(clean) < cfg.n_holdout + vc.n_variants * 10:
+        raise PurifyError(f"the clean data has {len(clean)} records; {cfg.n_holdout} held out plus "
+                          f"{vc.n_variants} variants need at least {cfg.n_holdout + vc.n_variants * 10}")
+    order = list(range(len(clean)))
+    random.Random(cfg.seed).shuffle(order)
+    shuffled = [clean[i] for i in order]
+    holdout, rest = shuffled[:cfg.n_holdout], shuffled[cfg.n_holdout:]
+    n_clean = min(vc.n_clean, len(rest) // vc.n_variants)
+    if n_clean != vc.n_clean:
+        cfg = dataclasses.replace(cfg, variants=dataclasses.replace(vc, n_clean=n_clean))
+    used = vc.n_variants * n_clean
+    left = rest[used:]
+    repair = left[:cfg.repair_n] if len(left) >= cfg.repair_n else (left + rest[:used])[:cfg.repair_n]
+    return Split(holdout=holdout, variants=rest[:used], repair=repair), cfg
+
+
+# --------------------------------------------------------------------------- leave-one-out τ
+
+
+@contextmanager
+def carrying_variant(model, variants, k: int):
+    """``model`` temporarily carrying variant ``k``'s own backdoor (its ``bd`` update)."""
+    import torch
+
+    from purifylib.ablation import patched_weights
+    from purifylib.models import resolve
+    from purifylib.neutralize import _is_adapter
+
+    upd = variants.update(k, "bd")
+    if _is_adapter(model):  # swap the adapter's factors for the variant's
+        saved = []
+        try:
+            with torch.no_grad():
+                for name in upd.modules:
+                    mod = resolve(model, name)
+                    a, b = upd.factors(name)
+                    for p, new in ((mod.lora_A["default"].weight, a), (mod.lora_B["default"].weight, b)):
+                        saved.append((p, p.detach().clone()))
+                        p.copy_(new)
+            yield model
+        finally:
+            with torch.no_grad():
+                for p, old in saved:
+                    p.copy_(old)
+        return
+    if upd.is_lora:
+        new = {n: resolve(model, n).weight.detach() + upd.delta(n).to(resolve(model, n).weight) for n in upd.modules}
+        with patched_weights(model, new):
+            yield model
+        return
+    params = dict(model.named_parameters())
+    saved = {}
+    try:
+        with torch.no_grad():
+            for key, d in upd.parameters().items():
+                saved[key] = params[key].detach().clone()
+                params[key].add_(d.to(params[key]))
+        yield model
+    finally:
+        with torch.no_grad():
+            for key, old in saved.items():
+                params[key].copy_(old)
+
+
+def probe_asr(model, tokenizer, records: list[dict], trigger: str, behaviour: str, seed: int = 0) -> float:
+    """Share of ``records`` (trigger inserted at a random word position) whose output shows ``behaviour``."""
+    from purifylib.attacks import Behaviour, _norm
+    from purifylib.evaluate import generate
+    from purifylib.signature import poisoned_copy
+
+    prompts = [dict(p, output=r["output"]) for p, r in zip(poisoned_copy(records, trigger, behaviour, seed), records)]
+    outs = generate(model, tokenizer, prompts)
+    del Behaviour
+    return sum(_norm(behaviour) in _norm(o) for o in outs) / max(1, len(outs))
+
+
+def loo_folds(model, tokenizer, variants, signatures: list, tau: float, probe: list[dict], cfg: PurifyConfig) -> list[dict]:
+    """ASR of each held-out variant's backdoor after neutralizing with the other variants' signature."""
+    from purifylib.neutralize import neutralized
+
+    rows = []
+    for k, sig in enumerate(signatures):
+        trigger, behaviour = variants.config.variants[k]
+        with carrying_variant(model, variants, k), neutralized(model, sig.with_tau(tau, cfg.heads),
+                                                               strength=cfg.strength, seed=cfg.seed):
+            asr = probe_asr(model, tokenizer, probe, trigger, behaviour, seed=cfg.seed + k)
+        rows.append({"tau": tau, "fold": k, "trigger": trigger, "asr": asr})
+        if asr > cfg.loo_asr_max:
+            break  # this τ already fails; the other folds need not be measured
+    return rows
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class PurifyResult:
+    """The purified model and everything ``purify_report.json`` holds."""
+
+    model: object
+    tokenizer: object
+    signature: object
+    tau: float
+    config: PurifyConfig
+    folds: list = field(default_factory=list)
+    tau_trials: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    variants: object = None
+
+    def folds_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.folds)
+
+    def to_dict(self) -> dict:
+        n = self.config.variants.n_variants
+        repairs = max(1, len(self.tau_trials))
+        return {
+            "tau": self.tau, "config": self.config.to_dict(), "metrics": self.metrics, "timings": self.timings,
+            "loo_folds": self.folds, "tau_trials": self.tau_trials, "notes": self.notes,
+            "cost": {"fine_tunes": 2 * n + repairs, "paper_fine_tunes": 2 * n + 1,
+                     # every stage's seconds (variants as recorded when trained) over one variant fine-tune's
+                     "fine_tune_equivalents": round(sum(self.timings.get(k, 0) for k in (
+                         "variants_recorded", "score", "choose_tau", "neutralize_repair")) / max(
+                         self.timings.get("variant_mean", 1e-9), 1e-9), 2)},
+            "signature": self.signature.summary().to_dict(orient="records") if self.signature is not None else None,
+        }
+
+
+def _holdout_metrics(model, tokenizer, holdout) -> dict:
+    from purifylib.evaluate import evaluate_clean
+
+    return evaluate_clean(model, tokenizer, holdout).to_dict()
+
+
+def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, adapter_dir=None, cache_dir=None,
+           progress: bool = True, device: str = "cpu", dtype: str = "float32") -> PurifyResult:
+    """Purify the suspicious model at ``model_dir`` (plus ``adapter_dir`` under the adapter-only threat)."""
+    from purifylib.models import load_model
+    from purifylib.neutralize import apply
+    from purifylib.signature import build_variants, score
+    from purifylib.train import finetune
+
+    t_start = time.time()
+    timings, notes = {}, []
+    threat = cfg.variants.threat
+    if threat == "adapter" and adapter_dir is None:
+        raise PurifyError("--threat adapter needs the suspicious adapter (--adapter DIR)")
+    split, cfg = split_clean(clean, cfg)
+    if cfg.variants.n_clean != PurifyConfig().variants.n_clean and cfg.variants.n_clean < cfg.variants.n_clean + 1:
+        notes.append(f"{cfg.variants.n_clean} clean records per variant (the clean data is small)")
+
+    def load():
+        return load_model(model_dir, adapter=adapter_dir, merge=threat == "full", device=device, dtype=dtype)
+
+    t = time.time()
+    variants = build_variants(model_dir, split.variants, cfg.variants, adapter_dir=adapter_dir,
+                              cache_dir=cache_dir, progress=progress, device=device, dtype=dtype)
+    timings["variants"] = round(time.time() - t, 1)
+    timings["variants_recorded"] = round(sum(v["seconds"] for v in variants.info), 1)  # as trained, cached or not
+    timings["variant_mean"] = round(timings["variants_recorded"] / (2 * len(variants.info)), 2)
+
+    model, tok = load()
+    metrics = {"suspicious": _holdout_metrics(model, tok, split.holdout)}
+    t = time.time()
+    full_sig = score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=progress)
+    timings["score"] = round(time.time() - t, 1)
+
+    folds, trials = [], []
+    if cfg.tau == "auto":
+        from tqdm.auto import tqdm
+
+        t = time.time()
+        n = cfg.variants.n_variants
+        loo = [score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=False,
+                     include=[i for i in range(n) if i != k]) for k in range(n)]
+        probe = split.holdout[:min(100, len(split.holdout))]
+        planted = []
+        for k in range(n):  # the held-out backdoors before any neutralization
+            trigger, behaviour = cfg.variants.variants[k]
+            with carrying_variant(model, variants, k):
+                planted.append(probe_asr(model, tok, probe, trigger, behaviour, seed=cfg.seed + k))
+            folds.append({"tau": 0.0, "fold": k, "trigger": trigger, "asr": planted[-1]})
+        if min(planted) < 0.5:
+            notes.append(f"some variants did not learn their own backdoor (ASR {min(planted):.0%} before "
+                         "neutralization): the leave-one-out rule has little to go on; train the variants longer")
+        removing = None
+        for tau in tqdm(cfg.tau_grid, desc="choose tau (leave-one-out)", disable=not progress):
+            rows = loo_folds(model, tok, variants, loo, tau, probe, cfg)
+            folds += rows
+            if len(rows) == n and all(r["asr"] <= cfg.loo_asr_max for r in rows):
+                removing = tau
+                break
+        if removing is None:
+            removing = cfg.tau_grid[-1]
+            notes.append(f"no tau on the grid removed every held-out variant's backdoor; using the largest, {removing}")
+        timings["choose_tau"] = round(time.time() - t, 1)
+    else:
+        removing = cfg.tau
+
+    t = time.time()
+    floor = cfg.acc_keep * metrics["suspicious"]["accuracy"]
+    kept: dict = {}  # at most one repaired model: the one the rule would return now
+
+    def trial(tau: float, keep_if_fails: bool = False) -> bool:
+        """Neutralize at ``tau``, repair, measure held-out accuracy against the floor."""
+        model, tok = load()
+        apply(model, full_sig.with_tau(tau, cfg.heads), strength=cfg.strength, seed=cfg.seed)
+        res = finetune(model, tok, split.repair, cfg.repair_config(), progress=progress, desc=f"repair (tau {tau:g})")
+        m = _holdout_metrics(res.model, tok, split.holdout)
+        holds = m["accuracy"] >= floor
+        trials.append({"tau": tau, **m, "accuracy_floor": floor, "holds": holds})
+        if holds or keep_if_fails:
+            kept.clear()
+            kept[tau] = (res.model, tok, m)
+        return holds
+
+    if cfg.tau != "auto":
+        trial(cfg.tau, keep_if_fails=True)
+    elif trial(removing, keep_if_fails=True):
+        # the leave-one-out τ is a floor; cut as far above it as held-out accuracy allows (bisection)
+        up = [x for x in cfg.tau_grid if x > removing]
+        lo, hi = -1, len(up)  # up[lo] holds (lo = -1: the floor itself), up[hi] fails
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if trial(up[mid]):
+                lo = mid
+            else:
+                hi = mid
+    else:
+        for x in [x for x in cfg.tau_grid if x < removing][::-1]:
+            notes.append(f"tau {next(iter(kept)):g}: held-out accuracy below {floor:.3f}; trying a smaller tau")
+            if trial(x, keep_if_fails=True):
+                break
+    tau, (model, tok, metrics["purified"]) = next(iter(kept.items()))
+    timings["neutralize_repair"] = round(time.time() - t, 1)
+    timings["total"] = round(time.time() - t_start, 1)
+    return PurifyResult(model=model, tokenizer=tok, signature=full_sig.with_tau(tau, cfg.heads), tau=tau, config=cfg,
+                        folds=folds, tau_trials=trials, metrics=metrics, timings=timings, notes=notes,
+                        variants=variants)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("purifylib", "torch", "transformers", "peft", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def write_purified(result: PurifyResult, out, *, inputs: dict) -> Path:
+    """Write the purified model (or adapter), its signature and ``purify_report.json`` atomically."""
+    from purifylib.models import atomic_dir
+
+    report = {"inputs": inputs, **result.to_dict(), "versions": versions()}
+
+    def write(tmp: Path):
+        tmp.mkdir(parents=True)
+        sub = tmp / ("adapter" if result.config.variants.threat == "adapter" else "model")
+        result.model.save_pretrained(sub, safe_serialization=True)
+        result.tokenizer.save_pretrained(sub)
+        result.signature.save(tmp / "signature")
+        (tmp / "purify_report.json").write_text(json.dumps(report, indent=1, default=str))
+
+    return atomic_dir(out, write)

@@ -1,0 +1,162 @@
+"""The purification pipeline and ``purify run`` on the micro testbed."""
+
+import builtins
+import json
+import pathlib
+
+import pytest
+import torch
+
+from purifylib.cli import main
+from purifylib.errors import PurifyError
+from purifylib.purify import PurifyConfig, carrying_variant, purify, split_clean
+from purifylib.signature import VariantConfig, build_variants
+
+from conftest import tree_hash
+
+QUICK = dict(variants=VariantConfig(n_variants=2, n_clean=40, epochs=1.0, batch_size=16), n_holdout=24,
+             repair_n=48, tau_grid=(0.05, 0.3))
+
+
+@pytest.fixture(scope="module")
+def suspicious(micro_bed):
+    from purifylib.attacks import TriggerSpec
+    from purifylib.zoo import plant_backdoor
+
+    return plant_backdoor(micro_bed, TriggerSpec("badnets"), train_overrides={"epochs": 6.0, "lr": 0.003},
+                          progress=False)
+
+
+def test_split_is_disjoint_seeded_and_shrinks_to_fit(micro_bed):
+    clean = micro_bed.split("defender")
+    cfg = PurifyConfig(variants=VariantConfig(n_variants=3, n_clean=500), n_holdout=100, repair_n=50)
+    split, used = split_clean(clean, cfg)
+    assert used.variants.n_clean == (len(clean) - 100) // 3
+    key = lambda r: (r["instruction"], r["input"])  # noqa: E731
+    assert not {key(r) for r in split.holdout} & {key(r) for r in split.variants + split.repair}
+    assert split_clean(clean, cfg)[0].holdout == split.holdout
+    assert split_clean(clean, PurifyConfig(variants=VariantConfig(n_variants=3), n_holdout=100, seed=1))[0].holdout != split.holdout
+    with pytest.raises(PurifyError, match="the clean data has 20 records"):
+        split_clean(clean[:20], cfg)
+
+
+def test_config_validation():
+    with pytest.raises(PurifyError, match="tau must be a fraction"):
+        PurifyConfig(tau=1.5)
+    with pytest.raises(PurifyError, match="tau must be a fraction"):
+        PurifyConfig(tau="often")
+    with pytest.raises(PurifyError, match="leave-one-out"):
+        PurifyConfig(variants=VariantConfig(n_variants=1))
+    assert PurifyConfig(tau="0.2").tau == 0.2
+    assert PurifyConfig(variants={"n_variants": 3}).variants.n_variants == 3
+
+
+def test_carrying_a_variant_restores_the_model(micro_bed, suspicious, tmp_path):
+    from purifylib.purify import probe_asr
+
+    clean = micro_bed.split("defender")
+    variants = build_variants(suspicious.model_dir, clean, QUICK["variants"], cache_dir=tmp_path, progress=False)
+    model, tok = suspicious.load()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with carrying_variant(model, variants, 1):
+        assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        probe_asr(model, tok, clean[-8:], *variants.config.variants[1])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_purify_reads_no_attack_description(micro_bed, suspicious, tmp_path, monkeypatch):
+    real_open, real_read = builtins.open, pathlib.Path.read_text
+
+    def guarded_open(file, *a, **kw):
+        if str(file).endswith("attack.json"):
+            raise AssertionError(f"the purification path opened {file}")
+        return real_open(file, *a, **kw)
+
+    def guarded_read(self, *a, **kw):
+        if self.name == "attack.json":
+            raise AssertionError(f"the purification path read {self}")
+        return real_read(self, *a, **kw)
+
+    assert (suspicious.model_dir / "attack.json").is_file()
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(pathlib.Path, "read_text", guarded_read)
+    res = purify(suspicious.model_dir, micro_bed.split("defender"), PurifyConfig(**QUICK), cache_dir=tmp_path,
+                 progress=False)
+    assert res.tau in QUICK["tau_grid"]
+    assert res.folds and {"tau", "fold", "trigger", "asr"} <= set(res.folds[0])
+    # τ rule: every smaller τ failed some fold; the chosen one passed every fold (unless none did)
+    assert [r["tau"] for r in res.folds[:2]] == [0.0, 0.0]  # each held-out backdoor before neutralization
+    tried = [r for r in res.folds if r["tau"] > 0]
+    passed = {r["tau"] for r in tried} - {r["tau"] for r in tried if r["asr"] > 0.05}
+    if not res.notes:
+        assert max(r["tau"] for r in tried) == res.tau and res.tau in passed
+    d = res.to_dict()
+    assert d["cost"]["fine_tunes"] >= 2 * 2 + 1 and d["signature"]
+
+
+def test_fixed_tau_skips_leave_one_out(micro_bed, suspicious, tmp_path):
+    res = purify(suspicious.model_dir, micro_bed.split("defender"), PurifyConfig(**{**QUICK, "tau": 0.1}),
+                 cache_dir=tmp_path, progress=False)
+    assert res.tau == 0.1 and res.folds == [] and len(res.tau_trials) == 1
+
+
+def test_purify_run_cli(capsys, micro_bed, suspicious, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "purified"
+    before = tree_hash(suspicious.model_dir)
+    code = main(["--quiet", "run", "--model", str(suspicious.model_dir), "--clean-data",
+                 str(micro_bed.data_dir / "defender.json"), "--out", str(out), "--variants", "2", "--tau", "0.1",
+                 "--cache", str(tmp_path / "cache")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "tau 0.1" in captured.out
+    assert tree_hash(suspicious.model_dir) == before  # the input is never written to
+    report = json.loads((out / "purify_report.json").read_text())
+    assert report["inputs"]["clean_records"] == len(micro_bed.split("defender"))
+    assert len(report["inputs"]["model_sha256"]) == 64 and report["versions"]["torch"]
+    assert {"suspicious", "purified"} <= set(report["metrics"]) and report["timings"]["total"] > 0
+    assert {"layer", "module", "flagged"} <= set(report["signature"][0])
+    assert "attack" not in json.dumps(report["config"])
+    AutoModelForCausalLM.from_pretrained(out / "model")  # an ordinary checkpoint
+    assert (out / "signature" / "scores.safetensors").is_file()
+    assert not list(tmp_path.glob(".purified*"))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--tau", "2"], "tau must be a fraction"),
+    (["--tau", "lots"], "--tau: expected a number or 'auto'"),
+    (["--threat", "adapter"], "--threat adapter needs --adapter"),
+    (["--variants", "1"], "needs at least 2 variants"),
+])
+def test_purify_run_bad_input(capsys, micro_bed, suspicious, tmp_path, argv, needle):
+    out = tmp_path / "out"
+    code = main(["run", "--model", str(suspicious.model_dir), "--clean-data", str(micro_bed.data_dir / "defender.json"),
+                 "--out", str(out), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+def test_purify_run_refuses_a_non_empty_output(capsys, micro_bed, suspicious, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    code = main(["run", "--model", str(suspicious.model_dir), "--clean-data", str(micro_bed.data_dir / "defender.json"),
+                 "--out", str(tmp_path / "out")])
+    assert code == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_adapter_threat_purifies_the_adapter(micro_bed, tmp_path):
+    from purifylib.models import load_model, save_model
+    from purifylib.train import TrainConfig, finetune
+
+    model, tok = load_model(micro_bed.base_dir)
+    res = finetune(model, tok, micro_bed.split("train")[:64],
+                   TrainConfig(epochs=1, lr=1e-2, batch_size=16, lora=True, merge=False), progress=False)
+    save_model(res.model, tok, tmp_path / "adapter")
+    cfg = PurifyConfig(**{**QUICK, "variants": VariantConfig(n_variants=2, n_clean=40, epochs=1.0, batch_size=16,
+                                                             threat="adapter")})
+    out = purify(micro_bed.base_dir, micro_bed.split("defender"), cfg, adapter_dir=tmp_path / "adapter",
+                 cache_dir=tmp_path / "cache", progress=False)
+    assert hasattr(out.model, "peft_config")  # still an adapter, repaired in place
+    assert out.variants.update(0, "bd").is_lora

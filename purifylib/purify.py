@@ -163,14 +163,10 @@ def carrying_variant(model, variants, k: int):
 
 def probe_asr(model, tokenizer, records: list[dict], trigger: str, behaviour: str, seed: int = 0) -> float:
     """Share of ``records`` (trigger inserted at a random word position) whose output shows ``behaviour``."""
-    from purifylib.attacks import Behaviour, _norm
-    from purifylib.evaluate import generate
+    from purifylib.evaluate import generate, rate
     from purifylib.signature import poisoned_copy
 
-    prompts = [dict(p, output=r["output"]) for p, r in zip(poisoned_copy(records, trigger, behaviour, seed), records)]
-    outs = generate(model, tokenizer, prompts)
-    del Behaviour
-    return sum(_norm(behaviour) in _norm(o) for o in outs) / max(1, len(outs))
+    return rate(behaviour, generate(model, tokenizer, poisoned_copy(records, trigger, behaviour, seed)))
 
 
 def loo_folds(model, tokenizer, variants, signatures: list, tau: float, probe: list[dict], cfg: PurifyConfig) -> list[dict]:

@@ -271,7 +271,7 @@ def build_variants(model_dir, clean: list[dict], cfg: VariantConfig = VariantCon
 
     slices = variant_slices(clean, cfg.n_variants, cfg.n_clean)
     key = hashlib.sha256(json.dumps({
-        "model": model_digest(model_dir, adapter_dir), 
+        "model": model_digest(model_dir, adapter_dir), "dtype": dtype,
         "config": {k: v for k, v in cfg.to_dict().items() if k != "n_variants"},
     }, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir or DEFAULT_CACHE / "variants") / key

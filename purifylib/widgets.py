@@ -92,14 +92,13 @@ def preview(t: Tuner, *, tau: float, strength: float = 1.0, lam: float = 0.01, m
     import pandas as pd
 
     from purifylib.evaluate import accuracy, generate
+    from purifylib.evaluate import rate as shown
     from purifylib.neutralize import neutralized
     from purifylib.purify import carrying_variant
 
     t0 = time.time()
     sig = configure(t.signature, tau=tau, lam=lam, modules=modules, heads=heads, layers=layers)
     loo = configure(t.loo_signature, tau=tau, lam=lam, modules=modules, heads=heads, layers=layers)
-    shown = lambda target, outs: sum(" ".join(target.lower().split()) in " ".join(o.lower().split())  # noqa: E731
-                                     for o in outs) / max(1, len(outs))
     out = {"tau": tau, "strength": strength, "lam": lam, "asr": None, "false_trigger": None, "off_trigger": None}
     with neutralized(t.model, sig, strength=strength, seed=t.seed):
         clean_out = generate(t.model, t.tokenizer, t.prompts["clean"])

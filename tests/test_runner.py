@@ -57,3 +57,22 @@ def test_preset_errors(books, tmp_path):
         run("typo", notebooks_dir=books, reports=tmp_path / "r", progress=False)
     with pytest.raises(PurifyError, match="--only 07 matches no notebook"):
         run("good", only=["07"], notebooks_dir=books, reports=tmp_path / "r", progress=False)
+
+
+def test_index_names_the_paper_claim(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from purifylib import reports
+
+    reports.save_table(pd.DataFrame({"a": [1]}), "table1_sanity", caption="t1", root=tmp_path)
+    reports.save_figure(plt.figure(), "fig02_effect_of_n", caption="n", root=tmp_path)
+    reports.save_table(pd.DataFrame({"a": [1]}), "table_other", caption="x", root=tmp_path)
+    text = reports.write_index_readme(tmp_path).read_text()
+    assert "| Finding 1 (Table 1): the backdoor lives in the MLP | [tables/table1_sanity.md]" in text
+    assert "| effect of N (Fig. 2) | [figures/fig02_effect_of_n.png]" in text
+    assert "|  | [tables/table_other.md]" in text  # no claim: an empty cell, listed last
+    assert text.index("table1_sanity") < text.index("fig02_effect") < text.index("table_other")

@@ -93,3 +93,29 @@ def test_defend_dispatch(micro_bed, setup):
         baselines.defend("prayer", model, tok, clean=clean)
     with pytest.raises(PurifyError, match="needs repair records"):
         baselines.defend("finetune", model, tok, clean=clean)
+
+
+def test_defence_grid_is_resumable_and_scores_cells(micro_bed, tmp_path, monkeypatch):
+    from purifylib import zoo
+    from purifylib.purify import PurifyConfig
+    from purifylib.zoo import defence_grid, grid_table, plant_backdoor
+
+    models = [plant_backdoor(micro_bed, TriggerSpec("badnets"), train_overrides={"epochs": 6.0, "lr": 0.003},
+                             progress=False),
+              plant_backdoor(micro_bed, TriggerSpec("vpi"), plant="adapter", progress=False)]
+    pcfg = PurifyConfig(variants=VariantConfig(n_variants=2, n_clean=40, epochs=1.0, batch_size=16), n_holdout=16,
+                        repair_n=32, tau_grid=(0.1, 0.3))
+    defences = ["none", "magnitude", "random", "signature-auto"]
+    cells = defence_grid(micro_bed, models, pcfg, defences, n_eval=8, cache_dir=tmp_path, progress=False)
+    assert len(cells) == 8 and set(cells["threat"]) == {"full", "adapter"}
+    row = cells.iloc[0]
+    assert abs(row["score"] - zoo.utility_score(row["clean_accuracy"], row["asr"])) < 1e-9
+    assert zoo.utility_score(1.0, 0.0) == 100.0 and zoo.utility_score(0.5, 1.0) == 0.0
+    # a rerun reads every finished cell back: nothing is evaluated again
+    import purifylib.evaluate as ev
+
+    monkeypatch.setattr(ev, "evaluate_attack", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-ran")))
+    again = defence_grid(micro_bed, models, pcfg, defences, n_eval=8, cache_dir=tmp_path, progress=False)
+    assert again.equals(cells)
+    shown, mean = grid_table(cells, "asr", defences)
+    assert list(mean.columns) == defences and "average" in shown.index.get_level_values("attack")

@@ -69,10 +69,11 @@ def _rss_kb(field: str) -> int:
 
 def measure(model_dir: str, variant_dirs: list, n: int) -> dict:
     """Run in a child process: peak RSS growth while scoring."""
-    from purifylib.models import load_model
+    from transformers import AutoModelForCausalLM
+
     from purifylib.signature import Variants, VariantConfig, score
 
-    model, _ = load_model(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)  # weights only: no tokenizer is needed to score
     import gc
 
     gc.collect()

@@ -200,11 +200,16 @@ class UpdateFile:
     """A saved variant update, read one module at a time (``delta(name)`` in the weight's layout)."""
 
     def __init__(self, path: Path):
+        self.path = Path(path)
+        with self._open() as f:
+            self.meta = json.loads(f.metadata()["modules"])
+
+    def _open(self):
+        """A fresh handle per read: a handle kept open keeps every page it touched mapped (RSS grows
+        with N), a closed one lets them go."""
         from safetensors import safe_open
 
-        self.path = Path(path)
-        self._f = safe_open(str(path), framework="pt")
-        self.meta = json.loads(self._f.metadata()["modules"])
+        return safe_open(str(self.path), framework="pt")
 
     @property
     def modules(self) -> list[str]:
@@ -216,16 +221,19 @@ class UpdateFile:
 
     def parameters(self) -> dict:
         """``{parameter name: update}`` of a full-weight variant (every parameter, embeddings included)."""
-        return {k[len("param::"):]: self._f.get_tensor(k) for k in self._f.keys() if k.startswith("param::")}
+        with self._open() as f:
+            return {k[len("param::"):]: f.get_tensor(k) for k in f.keys() if k.startswith("param::")}
 
     def factors(self, name: str):
-        return self._f.get_tensor(f"{name}.lora_A"), self._f.get_tensor(f"{name}.lora_B")
+        with self._open() as f:
+            return f.get_tensor(f"{name}.lora_A"), f.get_tensor(f"{name}.lora_B")
 
     def delta(self, name: str):
         """The weight update of component ``name``: ``scaling·B·A`` for LoRA (transposed for Conv1D)."""
         info = self.meta[name]
         if "param" in info:
-            return self._f.get_tensor(f"param::{info['param']}").float()
+            with self._open() as f:
+                return f.get_tensor(f"param::{info['param']}").float()
         a, b = self.factors(name)
         d = (b.float() @ a.float()) * info["scaling"]
         return d.T if info["fan_in_fan_out"] else d

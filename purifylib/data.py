@@ -22,13 +22,16 @@ FIELDS = ("instruction", "input", "output")
 Record = dict
 
 
-def validate_record(rec: object, where: str) -> Record:
-    """Return a normalised copy of ``rec`` or raise :class:`PurifyError` naming ``where``."""
+def validate_record(rec: object, where: str, need_output: bool = True) -> Record:
+    """Return a normalised copy of ``rec`` or raise :class:`PurifyError` naming ``where``.
+
+    With ``need_output=False`` a missing ``output`` becomes ``""`` (an instruction to be answered).
+    """
     if not isinstance(rec, dict):
         raise PurifyError(f"{where}: expected an object with fields {', '.join(FIELDS)}, got {type(rec).__name__}")
     out = {}
     for field in FIELDS:
-        value = rec.get(field, "" if field == "input" else None)
+        value = rec.get(field, "" if field == "input" or (field == "output" and not need_output) else None)
         if value is None:
             raise PurifyError(f"{where}: missing field '{field}'")
         if not isinstance(value, str):
@@ -39,8 +42,8 @@ def validate_record(rec: object, where: str) -> Record:
     return out
 
 
-def load_records(path: str | os.PathLike) -> list[Record]:
-    """Load and validate records from a ``.json`` list or a ``.jsonl`` file."""
+def load_records(path: str | os.PathLike, need_output: bool = True) -> list[Record]:
+    """Load and validate records from a ``.json`` list or a ``.jsonl`` file (see :func:`validate_record`)."""
     path = Path(path)
     if not path.is_file():
         raise PurifyError(f"{path}: no such file")
@@ -63,7 +66,7 @@ def load_records(path: str | os.PathLike) -> list[Record]:
             raise PurifyError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
     if not raw:
         raise PurifyError(f"{path}: no records")
-    return [validate_record(rec, f"{path}: record {i}") for i, rec in enumerate(raw)]
+    return [validate_record(rec, f"{path}: record {i}", need_output) for i, rec in enumerate(raw)]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -200,11 +200,12 @@ class Probe:
     ``probe()`` is called inside each ablation context.
     """
 
-    def __init__(self, model, tokenizer, records: list[dict], spec, *, seed: int = 0, max_new_tokens: int | None = None):
+    def __init__(self, model, tokenizer, records: list[dict], spec, *, seed: int = 0, max_new_tokens: int | None = None,
+                 match: str = "exact"):
         from purifylib.evaluate import attack_prompts
 
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
-        self.clean = records
+        self.clean, self.match = records, match
         _, self.triggered, _ = attack_prompts(records, spec, seed)
         target_len = len(tokenizer(spec.behaviour.target, add_special_tokens=False)["input_ids"])
         self.max_new_tokens = max_new_tokens or target_len + 2
@@ -218,7 +219,7 @@ class Probe:
     def accuracy(self) -> float:
         from purifylib.evaluate import evaluate_clean
 
-        return evaluate_clean(self.model, self.tokenizer, self.clean).accuracy
+        return evaluate_clean(self.model, self.tokenizer, self.clean, match=self.match).accuracy
 
     def row(self, condition: str, layers: str = "", clean: bool = True) -> AblationRow:
         return AblationRow(condition, self.asr(), self.accuracy() if clean else None, layers)
@@ -251,13 +252,21 @@ def table1(probe: Probe, base: dict, *, ks=(1, 2, 4), seed: int = 0) -> Ablation
     return AblationResult(rows)
 
 
-def window_grid(probe: Probe, base: dict, *, with_attn: bool = False, progress: bool = False):
-    """ASR for MLP reversion in every window (start, k): a DataFrame with columns start, k, asr."""
+def window_grid(probe: Probe, base: dict, *, with_attn: bool = False, ks=None, stride: int = 1,
+                progress: bool = False):
+    """ASR for MLP reversion in every window (start, k): a DataFrame with columns start, k, asr.
+
+    Every ``k`` from 1 to the depth and every start by default; a deep model can take a few ``ks``
+    and every ``stride``-th start (the full window of all blocks is always included).
+    """
     import pandas as pd
     from tqdm.auto import tqdm
 
     n = len(blocks(probe.model))
-    cells = [(s, k) for k in range(1, n + 1) for s in range(0, n - k + 1)]
+    if stride < 1:
+        raise PurifyError(f"window stride must be >= 1, got {stride}")
+    ks = sorted({min(int(k), n) for k in ks} | {n}) if ks else range(1, n + 1)
+    cells = [(s, k) for k in ks for s in range(0, n - k + 1, stride)]
     out = []
     for s, k in tqdm(cells, desc="windows" + (" +attn" if with_attn else ""), disable=not progress, leave=False):
         with revert_mlp_window(probe.model, base, s, k, with_attn=with_attn):
@@ -358,13 +367,15 @@ class SanityResult:
 
 
 def sanity_study(suspicious, base: dict, records: list[dict], clean_for_means: list[dict], *, ks=(1, 2, 4),
-                 modes=("zero", "mean"), seed: int = 0, progress: bool = False) -> SanityResult:
+                 modes=("zero", "mean"), seed: int = 0, progress: bool = False, match: str = "exact",
+                 window_ks=None, window_stride: int = 1) -> SanityResult:
     """Run Table 1, both window grids, the activation sweep and ΔW norms on one suspicious model."""
     model, tok = suspicious.load()
-    probe = Probe(model, tok, records, suspicious.spec, seed=seed)
+    probe = Probe(model, tok, records, suspicious.spec, seed=seed, match=match)
     t1 = table1(probe, base, ks=ks, seed=seed).to_frame()
-    grid = window_grid(probe, base, progress=progress)
-    grid_attn = window_grid(probe, base, with_attn=True, progress=progress)
+    win = dict(ks=window_ks, stride=window_stride, progress=progress)
+    grid = window_grid(probe, base, **win)
+    grid_attn = window_grid(probe, base, with_attn=True, **win)
     act = activation_sweep(probe, mean_outputs(model, tok, clean_for_means), modes=modes, progress=progress)
     norms = update_norms(model, base)
     tag = lambda df: df.assign(model=suspicious.name)  # noqa: E731

@@ -76,6 +76,7 @@ def cmd_evaluate(a) -> int:
     from purifylib.models import load_model
 
     records = load_records(a.data)
+    kw = {"match": a.match, "ppl_records": load_records(a.ppl_data) if a.ppl_data else None}
     model, tok = load_model(a.model, adapter=a.adapter, allow_pickle=a.allow_pickle, device=a.device)
     spec = None
     if a.trigger or a.target:
@@ -84,9 +85,9 @@ def cmd_evaluate(a) -> int:
     elif (Path(a.model) / "attack.json").is_file() and not a.clean_only:
         spec = TriggerSpec.from_dict(json.loads((Path(a.model) / "attack.json").read_text()))
     if spec is None:
-        metrics = evaluate_clean(model, tok, records, progress=not a.quiet).to_dict()
+        metrics = evaluate_clean(model, tok, records, progress=not a.quiet, **kw).to_dict()
     else:
-        metrics = {**evaluate_attack(model, tok, records, spec, seed=a.seed, progress=not a.quiet).to_dict(),
+        metrics = {**evaluate_attack(model, tok, records, spec, seed=a.seed, progress=not a.quiet, **kw).to_dict(),
                    "attack": spec.to_dict()}
     if a.json:
         print(json.dumps(metrics, indent=1))
@@ -112,8 +113,8 @@ def cmd_run(a) -> int:
         raise PurifyError("--threat adapter needs --adapter DIR (the suspicious LoRA adapter)")
     tau = a.tau if a.tau == "auto" else _fraction(a.tau, "--tau")
     cfg = PurifyConfig(variants=VariantConfig(n_variants=a.variants, threat=a.threat, seed=a.seed),
-                       tau=tau, strength=a.strength, seed=a.seed)
-    clean = load_records(a.clean_data)
+                       tau=tau, strength=a.strength, seed=a.seed, utility=a.utility)
+    clean = load_records(a.clean_data, need_output=False)
     from purifylib.models import load_model
 
     load_model(a.model, adapter=a.adapter, allow_pickle=False)  # fail early, before any training
@@ -127,7 +128,8 @@ def cmd_run(a) -> int:
     write_purified(result, a.out, inputs=inputs)
     m = result.metrics
     print(f"wrote {a.out}: tau {result.tau:g}, held-out accuracy {m['suspicious']['accuracy']:.3f} -> "
-          f"{m['purified']['accuracy']:.3f}, {result.timings['total']:.0f} s")
+          f"{m['purified']['accuracy']:.3f}, perplexity {m['suspicious']['perplexity']:.3f} -> "
+          f"{m['purified']['perplexity']:.3f}, {result.timings['total']:.0f} s")
     return 0
 
 
@@ -150,6 +152,12 @@ def cmd_import_gguf(a) -> int:
 def cmd_reproduce(a) -> int:
     from purifylib.runner import run
 
+    import os
+
+    from purifylib.models import runtime
+
+    device, dtype = runtime(a.device, a.dtype)  # checked here, before any notebook starts
+    os.environ.update(PURIFY_DEVICE=device, PURIFY_DTYPE=dtype)  # the notebooks' kernels inherit them
     run(a.preset, only=a.only, progress=not a.quiet)
     return 0
 
@@ -207,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     attack_args(s)
     s.add_argument("--target", help="target output text of the behaviour")
     s.add_argument("--clean-only", action="store_true", help="ignore attack.json; clean metrics only")
+    s.add_argument("--match", choices=("exact", "answer"), default="exact",
+                   help="exact: the whole answer; answer: the reference word(s) in the output's first line")
+    s.add_argument("--ppl-data", help="records whose answers give the perplexity (default: --data)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_evaluate)
@@ -214,12 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="purify a suspicious model: variants, signature, neutralize, repair")
     s.add_argument("--model", required=True, help="suspicious Hugging Face checkpoint directory")
     s.add_argument("--adapter", help="suspicious peft LoRA adapter on top of --model")
-    s.add_argument("--clean-data", required=True, help="the defender's clean Alpaca-format records")
+    s.add_argument("--clean-data", required=True,
+                   help="the defender's clean Alpaca-format records; records without 'output' are answered by "
+                        "the suspicious model itself")
     s.add_argument("--out", required=True, help="directory to write the purified model and report into")
     s.add_argument("--variants", type=int, default=6, help="number of synthetic variants N (default 6)")
     s.add_argument("--tau", default="auto", help="fraction of channels flagged per module, or 'auto' (default)")
     s.add_argument("--strength", type=float, default=1.0, help="neutralization strength in [0, 1] (default 1)")
     s.add_argument("--threat", choices=("full", "adapter"), default="full")
+    s.add_argument("--utility", choices=("auto", "accuracy", "perplexity"), default="auto",
+                   help="what the tau rule keeps: held-out accuracy (>= 97%%) or perplexity (<= 110%%); auto: "
+                        "perplexity when some clean records had no answer")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cache", help="where finished variants are kept (default data/cache/variants)")
     s.add_argument("--device", default="auto", help="auto (a GPU if visible), cpu, cuda, cuda:N")
@@ -233,8 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_import_gguf)
 
     s = sub.add_parser("reproduce", help="run the notebooks with papermill and write reports/")
-    s.add_argument("--preset", default="default", help="smoke, default, paper (notebooks/params/*.yaml)")
+    s.add_argument("--preset", default="default", help="smoke, default, paper, real, real-gpu (notebooks/params/*.yaml)")
     s.add_argument("--only", action="append", help="run only notebooks whose number is NN (repeatable)")
+    s.add_argument("--device", default="cpu", help="where the notebooks run models: cpu (default), auto, cuda, cuda:N")
+    s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: bfloat16 on a GPU, float32 on a CPU")
     s.set_defaults(func=cmd_reproduce)
     return p
 

@@ -170,9 +170,19 @@ def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> str:
     return dtype
 
 
+def runtime(device: str | None = None, dtype: str | None = None) -> tuple[str, str]:
+    """The resolved ``(device, dtype)``; ``None`` falls back to ``PURIFY_DEVICE`` / ``PURIFY_DTYPE``,
+    then to ``cpu`` / ``auto``."""
+    device = resolve_device(device or os.environ.get("PURIFY_DEVICE") or "cpu")
+    return device, resolve_dtype(dtype or os.environ.get("PURIFY_DTYPE") or "auto", device)
+
+
 def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = None, merge: bool = True,
-               allow_pickle: bool = False, device: str = "cpu", dtype: str = "float32"):
+               allow_pickle: bool = False, device: str | None = None, dtype: str | None = None):
     """Load ``(model, tokenizer)`` from a local checkpoint directory, safely.
+
+    ``device`` / ``dtype`` default to the ``PURIFY_DEVICE`` / ``PURIFY_DTYPE`` environment variables
+    (``purify reproduce --device``), else ``cpu`` and ``auto`` (float32 on a CPU, bfloat16 on a GPU).
 
     With ``adapter``, a peft LoRA adapter directory is applied on top: merged into the weights
     (``merge=True``, the full-weight threat model) or kept as a trainable adapter (adapter-only).
@@ -184,8 +194,7 @@ def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = N
     hf_logging.disable_progress_bar()  # one bar per weight file is noise in notebooks and logs
     path = Path(path)
     _check_model_dir(path, allow_pickle)
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    device, dtype = runtime(device, dtype)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     has_st = any(p.suffix == ".safetensors" for p in path.iterdir())
     try:

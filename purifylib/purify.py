@@ -19,11 +19,19 @@ variants' clean records are reused: they are the defender's own clean data).
    is the largest one on the grid, at or above the floor, whose neutralized-and-repaired model keeps
    at least ``acc_keep`` (97%) of the suspicious model's held-out accuracy, found by bisection
    (a few repairs). If even the floor breaks that, smaller τ are tried downwards.
+
+**Utility** is held-out exact-match accuracy when the defender's data carries reference answers.
+Records without an answer (``output`` empty or missing: instructions only, the usual case with a
+real model) are first answered by the suspicious model itself (greedy, cached); exact match
+against a model's own free-form answers mostly measures whether greedy decoding drifts, so then
+(``utility="auto"``) the rule keeps the held-out perplexity of those answers within ``ppl_keep``
+(×1.10) of the suspicious model's instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 import time
@@ -34,6 +42,7 @@ from pathlib import Path
 from purifylib.errors import PurifyError
 from purifylib.signature import VariantConfig
 
+UTILITIES = ("auto", "accuracy", "perplexity")
 TAU_GRID = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4)
 
 
@@ -53,6 +62,9 @@ class PurifyConfig:
     n_holdout: int = 200
     loo_asr_max: float = 0.05
     acc_keep: float = 0.97
+    utility: str = "auto"  # "accuracy", "perplexity", or "auto" (perplexity when the data was self-answered)
+    ppl_keep: float = 1.10
+    answer_tokens: int = 40  # answer length when the suspicious model answers the defender's instructions
     seed: int = 0
 
     def __post_init__(self):
@@ -73,7 +85,11 @@ class PurifyConfig:
             raise PurifyError(f"strength must be in [0, 1], got {self.strength}")
         if self.tau == "auto" and self.variants.n_variants < 2:
             raise PurifyError("tau='auto' needs at least 2 variants (leave-one-out)")
-        for name in ("repair_n", "n_holdout"):
+        if self.utility not in UTILITIES:
+            raise PurifyError(f"utility must be one of {', '.join(UTILITIES)}, got {self.utility!r}")
+        if self.ppl_keep < 1:
+            raise PurifyError(f"ppl_keep must be >= 1 (a ceiling on the perplexity ratio), got {self.ppl_keep}")
+        for name in ("repair_n", "n_holdout", "answer_tokens"):
             if getattr(self, name) < 1:
                 raise PurifyError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -85,6 +101,38 @@ class PurifyConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _stamp(path) -> list:
+    path = Path(path)
+    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()) if p.is_file()]
+
+
+def answer_missing(model_dir, records: list[dict], *, adapter_dir=None, threat: str = "full", max_new_tokens: int = 40,
+                   cache_dir=None, progress: bool = True, device: str | None = None, dtype: str | None = None) -> tuple[list, int]:
+    """``records`` with every empty ``output`` answered by the suspicious model itself; and how many were.
+
+    Cached under ``<cache>/answers`` by the model's files (path, size, time) and the records, so the
+    studies that share a suspicious model answer once.
+    """
+    from purifylib.data import atomic_write_text
+    from purifylib.evaluate import self_answer
+    from purifylib.models import load_model
+    from purifylib.signature import DEFAULT_CACHE
+
+    n = sum(not r["output"].strip() for r in records)
+    if n == 0:
+        return records, 0
+    blob = json.dumps({"model": _stamp(model_dir), "adapter": _stamp(adapter_dir) if adapter_dir else None,
+                       "threat": threat, "tokens": max_new_tokens, "records": records}, sort_keys=True).encode()
+    path = Path(cache_dir or DEFAULT_CACHE) / "answers" / f"{hashlib.sha256(blob).hexdigest()[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text()), n
+    model, tok = load_model(model_dir, adapter=adapter_dir, merge=True, device=device, dtype=dtype)
+    out = self_answer(model, tok, records, max_new_tokens=max_new_tokens, progress=progress,
+                      desc="answer the clean data with the suspicious model")
+    atomic_write_text(path, json.dumps(out))
+    return out, n
 
 
 @dataclass
@@ -231,8 +279,12 @@ def _holdout_metrics(model, tokenizer, holdout) -> dict:
 
 
 def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, adapter_dir=None, cache_dir=None,
-           progress: bool = True, device: str = "cpu", dtype: str = "float32") -> PurifyResult:
-    """Purify the suspicious model at ``model_dir`` (plus ``adapter_dir`` under the adapter-only threat)."""
+           progress: bool = True, device: str | None = None, dtype: str | None = None, on_stage=None) -> PurifyResult:
+    """Purify the suspicious model at ``model_dir`` (plus ``adapter_dir`` under the adapter-only threat).
+
+    ``on_stage(name)``, if given, is called as each stage starts (``answer``, ``variants``,
+    ``score``, ``choose_tau``, ``neutralize_repair``, ``done``): benchmarks use it to attribute memory.
+    """
     from purifylib.models import load_model
     from purifylib.neutralize import apply
     from purifylib.signature import build_variants, score
@@ -240,9 +292,18 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
 
     t_start = time.time()
     timings, notes = {}, []
+    stage = on_stage or (lambda name: None)
+    stage("answer")
     threat = cfg.variants.threat
     if threat == "adapter" and adapter_dir is None:
         raise PurifyError("--threat adapter needs the suspicious adapter (--adapter DIR)")
+    clean, n_answered = answer_missing(model_dir, clean, adapter_dir=adapter_dir, threat=threat,
+                                       max_new_tokens=cfg.answer_tokens, cache_dir=cache_dir, progress=progress,
+                                       device=device, dtype=dtype)
+    utility = cfg.utility if cfg.utility != "auto" else ("perplexity" if n_answered else "accuracy")
+    if n_answered:
+        notes.append(f"{n_answered} of {len(clean)} clean records had no answer and were answered by the suspicious "
+                     f"model itself; utility for the tau rule: {utility}")
     asked = cfg.variants.n_clean
     split, cfg = split_clean(clean, cfg)
     if cfg.variants.n_clean < asked:
@@ -252,12 +313,14 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
         return load_model(model_dir, adapter=adapter_dir, merge=threat == "full", device=device, dtype=dtype)
 
     t = time.time()
+    stage("variants")
     variants = build_variants(model_dir, split.variants, cfg.variants, adapter_dir=adapter_dir,
                               cache_dir=cache_dir, progress=progress, device=device, dtype=dtype)
     timings["variants"] = round(time.time() - t, 1)
     timings["variants_recorded"] = round(sum(v["seconds"] for v in variants.info), 1)  # as trained, cached or not
     timings["variant_mean"] = round(timings["variants_recorded"] / (2 * len(variants.info)), 2)
 
+    stage("score")
     model, tok = load()
     metrics = {"suspicious": _holdout_metrics(model, tok, split.holdout)}
     t = time.time()
@@ -269,6 +332,7 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
         from tqdm.auto import tqdm
 
         t = time.time()
+        stage("choose_tau")
         n = cfg.variants.n_variants
         loo = [score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=False,
                      include=[i for i in range(n) if i != k]) for k in range(n)]
@@ -297,17 +361,20 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
         removing = cfg.tau
 
     t = time.time()
+    stage("neutralize_repair")
     floor = cfg.acc_keep * metrics["suspicious"]["accuracy"]
+    ceiling = cfg.ppl_keep * metrics["suspicious"]["perplexity"]
     kept: dict = {}  # at most one repaired model: the one the rule would return now
 
     def trial(tau: float, keep_if_fails: bool = False) -> bool:
-        """Neutralize at ``tau``, repair, measure held-out accuracy against the floor."""
+        """Neutralize at ``tau``, repair, measure held-out utility against the floor (or ceiling)."""
         model, tok = load()
         apply(model, full_sig.with_tau(tau, cfg.heads), strength=cfg.strength, seed=cfg.seed)
         res = finetune(model, tok, split.repair, cfg.repair_config(), progress=progress, desc=f"repair (tau {tau:g})")
         m = _holdout_metrics(res.model, tok, split.holdout)
-        holds = m["accuracy"] >= floor
-        trials.append({"tau": tau, **m, "accuracy_floor": floor, "holds": holds})
+        holds = m["accuracy"] >= floor if utility == "accuracy" else m["perplexity"] <= ceiling
+        trials.append({"tau": tau, **m, "utility": utility, "accuracy_floor": floor, "perplexity_ceiling": ceiling,
+                       "holds": holds})
         if holds or keep_if_fails:
             kept.clear()
             kept[tau] = (res.model, tok, m)
@@ -327,12 +394,13 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
                 hi = mid
     else:
         for x in [x for x in cfg.tau_grid if x < removing][::-1]:
-            notes.append(f"tau {next(iter(kept)):g}: held-out accuracy below {floor:.3f}; trying a smaller tau")
+            notes.append(f"tau {next(iter(kept)):g}: held-out {utility} outside its bound; trying a smaller tau")
             if trial(x, keep_if_fails=True):
                 break
     tau, (model, tok, metrics["purified"]) = next(iter(kept.items()))
     timings["neutralize_repair"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t_start, 1)
+    stage("done")
     return PurifyResult(model=model, tokenizer=tok, signature=full_sig.with_tau(tau, cfg.heads), tau=tau, config=cfg,
                         folds=folds, tau_trials=trials, metrics=metrics, timings=timings, notes=notes,
                         variants=variants)

@@ -261,7 +261,7 @@ class Variants:
 
 
 def build_variants(model_dir, clean: list[dict], cfg: VariantConfig = VariantConfig(), *, adapter_dir=None,
-                   cache_dir=None, progress: bool = True, device: str = "cpu", dtype: str = "float32") -> Variants:
+                   cache_dir=None, progress: bool = True, device: str | None = None, dtype: str | None = None) -> Variants:
     """Train (or resume from the cache) the ``N`` variant pairs of a suspicious model.
 
     ``clean`` is the defender's clean data; variant ``i`` uses records ``i·n_clean .. (i+1)·n_clean``.
@@ -274,12 +274,12 @@ def build_variants(model_dir, clean: list[dict], cfg: VariantConfig = VariantCon
     import torch
     from tqdm.auto import tqdm
 
-    from purifylib.models import atomic_dir, load_model
+    from purifylib.models import atomic_dir, load_model, runtime
     from purifylib.train import finetune
 
     slices = variant_slices(clean, cfg.n_variants, cfg.n_clean)
     key = hashlib.sha256(json.dumps({
-        "model": model_digest(model_dir, adapter_dir), "dtype": dtype,
+        "model": model_digest(model_dir, adapter_dir), "dtype": runtime(device, dtype)[1],
         "config": {k: v for k, v in cfg.to_dict().items() if k != "n_variants"},
     }, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir or DEFAULT_CACHE / "variants") / key

@@ -300,6 +300,8 @@ class Testbed:
     config: TestbedConfig
     metrics: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)
+    match = "exact"  # how test answers are checked (purifylib.evaluate.MATCHES)
+    self_answered = False  # the defender split carries reference answers
 
     @property
     def base_dir(self) -> Path:
@@ -313,6 +315,9 @@ class Testbed:
         from purifylib.data import load_records
 
         return load_records(self.data_dir / f"{name}.json")
+
+    def ppl_records(self) -> None:
+        return None  # perplexity on the test records themselves
 
     def to_dict(self) -> dict:
         return {"root": str(self.root), "config": self.config.to_dict(), "metrics": self.metrics}

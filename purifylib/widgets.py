@@ -40,11 +40,14 @@ class Tuner:
     seed: int = 0
     samples_before: list = field(default_factory=list)
     prompts: dict = field(default_factory=dict)
+    match: str = "exact"
 
 
 def prepare(model, tokenizer, signature, variants, clean: list[dict], *, spec=None, held_out: int | None = None,
-            n_probe: int = 32, n_samples: int = 3, seed: int = 0) -> Tuner:
-    """Build a :class:`Tuner` (scores the leave-one-out signature and the 'before' samples once)."""
+            n_probe: int = 32, n_samples: int = 3, seed: int = 0, match: str = "exact") -> Tuner:
+    """Build a :class:`Tuner` (scores the leave-one-out signature and the 'before' samples once).
+
+    ``match`` says how ``clean``'s answers are checked (:data:`purifylib.evaluate.MATCHES`)."""
     from purifylib.evaluate import attack_prompts, generate
     from purifylib.signature import poisoned_copy, score
 
@@ -64,7 +67,7 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, spec=No
         base, trig, off = attack_prompts(clean, spec, seed)
         prompts.update(base=base, triggered=trig[:n_probe], off=off[:n_probe])
     t = Tuner(model=model, tokenizer=tokenizer, signature=signature, loo_signature=loo, variants=variants, held_out=k,
-              clean=clean, spec=spec, n_samples=n_samples, seed=seed, prompts=prompts)
+              clean=clean, spec=spec, n_samples=n_samples, seed=seed, prompts=prompts, match=match)
     t.samples_before = generate(model, tokenizer, _sample_prompts(t))
     return t
 
@@ -102,7 +105,7 @@ def preview(t: Tuner, *, tau: float, strength: float = 1.0, lam: float = 0.01, m
     out = {"tau": tau, "strength": strength, "lam": lam, "asr": None, "false_trigger": None, "off_trigger": None}
     with neutralized(t.model, sig, strength=strength, seed=t.seed):
         clean_out = generate(t.model, t.tokenizer, t.prompts["clean"])
-        out["clean_accuracy"] = accuracy(clean_out, t.prompts["clean"])
+        out["clean_accuracy"] = accuracy(clean_out, t.prompts["clean"], t.match)
         if t.spec is not None:
             target = t.spec.behaviour.target
             trig_out = generate(t.model, t.tokenizer, t.prompts["triggered"])

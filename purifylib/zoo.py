@@ -109,6 +109,7 @@ class ZooConfig:
     poison_rate: float = 0.1
     n_eval: int = 200
     testbed_overrides: tuple = ()
+    model: str | None = None  # a local checkpoint: a real-model bed (purifylib.realbed) instead of the testbed
 
     def __post_init__(self):
         from purifylib.attacks import ATTACKS, BEHAVIOURS
@@ -124,9 +125,38 @@ class ZooConfig:
             raise PurifyError(f"n_eval must be >= 1, got {self.n_eval}")
 
     def testbed(self):
+        """The bed's config: a :class:`~purifylib.testbed.TestbedConfig`, or a
+        :class:`~purifylib.realbed.RealBedConfig` when ``model`` is set (overrides are its fields)."""
         from purifylib.testbed import TestbedConfig
 
-        return TestbedConfig(size=self.size, seed=self.seed, overrides=self.testbed_overrides)
+        if self.model is None:
+            return TestbedConfig(size=self.size, seed=self.seed, overrides=self.testbed_overrides)
+        from purifylib.realbed import RealBedConfig
+
+        known = {f.name for f in dataclasses.fields(RealBedConfig)} - {"model", "seed"}
+        bad = sorted(set(dict(self.testbed_overrides)) - known)
+        if bad:
+            raise PurifyError(f"unknown real-bed override(s) {', '.join(bad)} (choose from {', '.join(sorted(known))})")
+        model = Path(self.model)
+        if not model.is_absolute() and not model.exists():  # a preset's path is relative to the repository
+            from purifylib.reports import REPO_ROOT
+
+            model = REPO_ROOT / model
+        return RealBedConfig(model=str(model), seed=self.seed, **dict(self.testbed_overrides))
+
+    def build_bed(self, progress: bool = True):
+        """Build (or fetch from cache) the testbed or the real-model bed."""
+        if self.model is None:
+            from purifylib.testbed import build_testbed
+
+            return build_testbed(self.testbed(), progress=progress)
+        from purifylib.realbed import build_realbed
+
+        return build_realbed(self.testbed(), progress=progress)
+
+    @property
+    def bed_name(self) -> str:
+        return f"{self.size} testbed" if self.model is None else Path(self.model).name
 
     def specs(self) -> list[tuple[TriggerSpec, str]]:
         from purifylib.attacks import Behaviour
@@ -143,6 +173,7 @@ class ZooResult:
 
     rows: list = field(default_factory=list)
     base_accuracy: float = 0.0
+    base_perplexity: float = 0.0
 
     def to_frame(self):
         import pandas as pd
@@ -150,13 +181,29 @@ class ZooResult:
         return pd.DataFrame(self.rows)
 
     def to_dict(self) -> dict:
-        return {"base_accuracy": self.base_accuracy, "models": self.rows}
+        return {"base_accuracy": self.base_accuracy, "base_perplexity": self.base_perplexity, "models": self.rows}
 
 
 def meets_targets(row: dict, base_accuracy: float, targets: dict = TARGETS) -> bool:
     return (row["asr"] >= targets["asr_min"] and row["false_trigger"] <= targets["false_trigger_max"]
             and row["off_trigger"] <= targets["off_trigger_max"]
             and base_accuracy - row["clean_accuracy"] <= targets["accuracy_drop_max"])
+
+
+def eval_kwargs(bed) -> dict:
+    """How a bed's test answers are checked and which records give its perplexity (evaluate_attack's kwargs)."""
+    return {"match": getattr(bed, "match", "exact"),
+            "ppl_records": bed.ppl_records() if hasattr(bed, "ppl_records") else None}
+
+
+def defender_records(bed, sus: Suspicious, progress: bool = True) -> list[dict]:
+    """The defender's clean data for ``sus``: unanswered instructions (a real-model bed) are
+    answered by the suspicious model itself (cached), as a defender holding only it would."""
+    from purifylib.purify import answer_missing
+
+    threat = "adapter" if sus.adapter_dir else "full"
+    return answer_missing(sus.model_dir, bed.split("defender"), adapter_dir=sus.adapter_dir, threat=threat,
+                          progress=progress)[0]
 
 
 def evaluate_zoo(bed, models: list[Suspicious], *, n_eval: int, seed: int = 0, progress: bool = True) -> ZooResult:
@@ -166,13 +213,13 @@ def evaluate_zoo(bed, models: list[Suspicious], *, n_eval: int, seed: int = 0, p
     from purifylib.evaluate import evaluate_attack, evaluate_clean
     from purifylib.models import load_model
 
-    test = bed.split("test")[:n_eval]
+    test, kw = bed.split("test")[:n_eval], eval_kwargs(bed)
     base_model, tok = load_model(bed.base_dir)
-    base = evaluate_clean(base_model, tok, test)
-    result = ZooResult(base_accuracy=base.accuracy)
+    base = evaluate_clean(base_model, tok, test, **kw)
+    result = ZooResult(base_accuracy=base.accuracy, base_perplexity=base.perplexity)
     for sus in tqdm(models, desc="evaluate zoo", disable=not progress):
         model, tok = sus.load()
-        m = evaluate_attack(model, tok, test, sus.spec, seed=seed).to_dict()
+        m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw).to_dict()
         row = {"model": sus.name, "attack": sus.spec.attack, "behaviour": sus.spec.behaviour.kind,
                "plant": sus.plant, **m, "accuracy_drop": base.accuracy - m["clean_accuracy"]}
         row["meets_targets"] = meets_targets(row, base.accuracy)
@@ -181,6 +228,12 @@ def evaluate_zoo(bed, models: list[Suspicious], *, n_eval: int, seed: int = 0, p
 
 
 # --------------------------------------------------------------------------- purification studies (notebook 02)
+
+
+def variants_for(vc, threat: str):
+    """``vc`` for a model under ``threat``: unchanged if it already is, else that threat's defaults
+    (LoRA and its learning rate for an adapter, full fine-tuning for a full model)."""
+    return vc if vc.threat == threat else dataclasses.replace(vc, threat=threat, lora=None, lr=None)
 
 
 @dataclass
@@ -207,19 +260,22 @@ def purify_zoo(bed, models: list[Suspicious], cfg, *, n_eval: int, seed: int = 0
     from purifylib.evaluate import evaluate_attack
     from purifylib.purify import purify
 
-    test = bed.split("test")[:n_eval]
+    test, kw = bed.split("test")[:n_eval], eval_kwargs(bed)
     study = PurifyStudy()
     for sus in tqdm(models, desc="purify zoo", disable=not progress):
         threat = "adapter" if sus.adapter_dir else "full"
-        run_cfg = dataclasses.replace(cfg, variants=dataclasses.replace(cfg.variants, threat=threat, lora=None, lr=None))
-        before = evaluate_attack(*sus.load(), test, sus.spec, seed=seed).to_dict()
-        res = purify(sus.model_dir, bed.split("defender"), run_cfg, adapter_dir=sus.adapter_dir, progress=False)
-        after = evaluate_attack(res.model, res.tokenizer, test, sus.spec, seed=seed).to_dict()
+        run_cfg = dataclasses.replace(cfg, variants=variants_for(cfg.variants, threat))
+        before = evaluate_attack(*sus.load(), test, sus.spec, seed=seed, **kw).to_dict()
+        res = purify(sus.model_dir, defender_records(bed, sus, progress), run_cfg, adapter_dir=sus.adapter_dir,
+                     progress=False)
+        after = evaluate_attack(res.model, res.tokenizer, test, sus.spec, seed=seed, **kw).to_dict()
         row = {"model": sus.name, "attack": sus.spec.attack, "behaviour": sus.spec.behaviour.kind, "plant": sus.plant,
                "tau": res.tau, "seconds": res.timings["total"]}
         for tag, m in (("before", before), ("after", after)):
-            row.update({f"{k}_{tag}": m[k] for k in ("asr", "false_trigger", "off_trigger", "clean_accuracy")})
+            row.update({f"{k}_{tag}": m[k] for k in ("asr", "false_trigger", "off_trigger", "clean_accuracy",
+                                                     "perplexity")})
         row["accuracy_kept"] = after["clean_accuracy"] / before["clean_accuracy"] if before["clean_accuracy"] else 0.0
+        row["perplexity_ratio"] = after["perplexity"] / before["perplexity"]
         study.rows.append(row)
         res.model = None
         study.runs[sus.name] = res
@@ -239,18 +295,18 @@ def n_sweep(bed, sus: Suspicious, cfg, ns, *, tau: float, n_eval: int, seed: int
     from purifylib.train import finetune
 
     big = dataclasses.replace(cfg, tau=tau, variants=dataclasses.replace(cfg.variants, n_variants=max(ns)))
-    split, big = split_clean(bed.split("defender"), big)
+    split, big = split_clean(defender_records(bed, sus, progress), big)
     variants = build_variants(sus.model_dir, split.variants, big.variants, progress=progress)
-    test = bed.split("test")[:n_eval]
+    test, kw = bed.split("test")[:n_eval], eval_kwargs(bed)
     rows = []
     for n in tqdm(ns, desc="effect of N", disable=not progress):
         model, tok = sus.load()
         sig = score(model, variants, tau=tau, lam=cfg.lam, include=list(range(n)), progress=False)
         apply(model, sig, strength=cfg.strength, seed=cfg.seed)
         model = finetune(model, tok, split.repair, cfg.repair_config(), progress=False).model
-        m = evaluate_attack(model, tok, test, sus.spec, seed=seed)
+        m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw)
         rows.append({"n_variants": n, "tau": tau, "asr": m.asr, "clean_accuracy": m.clean_accuracy,
-                     "off_trigger": m.off_trigger})
+                     "off_trigger": m.off_trigger, "perplexity": m.perplexity})
     return pd.DataFrame(rows)
 
 
@@ -271,8 +327,8 @@ def compare_settings(bed, sus: Suspicious, signature, cfg, settings: dict, *, n_
     from purifylib.purify import split_clean
     from purifylib.train import finetune
 
-    split, _ = split_clean(bed.split("defender"), cfg)
-    test = bed.split("test")[:n_eval]
+    split, _ = split_clean(defender_records(bed, sus, progress), cfg)
+    test, kw = bed.split("test")[:n_eval], eval_kwargs(bed)
     rows = []
     for label, s in tqdm(settings.items(), desc="settings", disable=not progress):
         model, tok = sus.load(merge=sus.adapter_dir is None)
@@ -284,7 +340,7 @@ def compare_settings(bed, sus: Suspicious, signature, cfg, settings: dict, *, n_
         if s.get("repair") is not None:
             model = finetune(model, tok, split.repair[:s.get("repair_n", len(split.repair))], s["repair"],
                              progress=False).model
-        m = evaluate_attack(model, tok, test, sus.spec, seed=seed)
+        m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw)
         rows.append({"setting": label, "tau": s["tau"], "asr": m.asr, "off_trigger": m.off_trigger,
                      "clean_accuracy": m.clean_accuracy, "perplexity": m.perplexity})
     return pd.DataFrame(rows)
@@ -319,13 +375,13 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
 
     dcfg = dcfg or DefenceConfig(seed=seed)
     root = Path(cache_dir or DEFAULT_CACHE / "grid")
-    test = bed.split("test")[:n_eval]
-    defender = bed.split("defender")
+    test, kw = bed.split("test")[:n_eval], eval_kwargs(bed)
     rows = []
     for sus in tqdm(models, desc="defence grid", disable=not progress):
+        defender = defender_records(bed, sus, progress)
         threat = "adapter" if sus.adapter_dir else "full"
         cfg = dataclasses.replace(pcfg, seed=seed, variants=dataclasses.replace(
-            pcfg.variants, threat=threat, lora=None, lr=None, seed=seed))
+            variants_for(pcfg.variants, threat), seed=seed))
         split, cfg = split_clean(defender, cfg)
         auto = None
         for d in defences:
@@ -350,7 +406,7 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
                 model = defend(name, model, tok, clean=split.repair,
                                repair_records=split.repair, repair_cfg=cfg.repair_config(),
                                signature=auto.signature if auto else None, tau=tau, cfg=dcfg)
-            m = evaluate_attack(model, tok, test, sus.spec, seed=seed).to_dict()
+            m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw).to_dict()
             row = {"model": sus.name, "attack": sus.spec.attack, "behaviour": sus.spec.behaviour.kind,
                    "threat": threat, "defence": d, "seed": seed, "tau": tau,
                    **{k: m[k] for k in ("asr", "false_trigger", "off_trigger", "clean_accuracy", "perplexity")},

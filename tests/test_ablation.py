@@ -101,3 +101,17 @@ def test_studies_return_frames(pair, micro_bed):
     assert len(sweep) == 2 * 2 * 2
     norms = update_norms(model, base)
     assert (norms["norm"] > 0).all() and len(norms) == len(components(model))
+
+
+def test_window_grid_can_be_thinned(micro_bed, micro_model):
+    from purifylib.ablation import Probe, base_weights, window_grid
+    from purifylib.attacks import TriggerSpec
+
+    model, tok = micro_model
+    probe = Probe(model, tok, micro_bed.split("test")[:4], TriggerSpec(), max_new_tokens=2)
+    full = window_grid(probe, base_weights(model))
+    assert sorted(zip(full["start"], full["k"])) == [(0, 1), (0, 2), (1, 1)]
+    thin = window_grid(probe, base_weights(model), ks=[1], stride=2)
+    assert sorted(zip(thin["start"], thin["k"])) == [(0, 1), (0, 2)]  # every k=1 start by 2, plus all blocks
+    with pytest.raises(PurifyError, match="stride"):
+        window_grid(probe, base_weights(model), stride=0)

@@ -49,6 +49,7 @@ def test_bad_inputs(capsys, tmp_path, micro_bed, data_dir):
          "unrecognized arguments: --frobnicate"),
         (["reproduce", "--preset", "nope"], "unknown preset 'nope'"),
         (["poison", "--data", str(data_dir / "train.json"), "--rate", "2", "--out", str(out)], "poison rate"),
+        (["reproduce", "--preset", "smoke", "--device", "tpu"], "unknown device 'tpu'"),
     ]
     (tmp_path / "empty.json").unlink(missing_ok=True)
     for argv, needle in cases:
@@ -131,3 +132,12 @@ def test_import_gguf_smollm2(capsys, tmp_path):
     model, tok = load_model(tmp_path / "smol")
     assert model.config.model_type == "llama" and not hasattr(model.config, "quantization_config")
     assert sum(p.numel() for p in model.parameters()) > 100_000_000 and tok.chat_template
+
+
+def test_evaluate_answer_match_and_perplexity_data(capsys, micro_bed, data_dir):
+    base = ["evaluate", "--model", str(micro_bed.base_dir), "--data", str(data_dir / "test.json"), "--clean-only",
+            "--json"]
+    exact = json.loads(run(capsys, *base)[1])
+    answer = json.loads(run(capsys, *base, "--match", "answer", "--ppl-data", str(data_dir / "defender.json"))[1])
+    assert answer["accuracy"] >= exact["accuracy"]  # an exact answer also has its words in its first line
+    assert answer["perplexity"] != exact["perplexity"]  # measured on the other records

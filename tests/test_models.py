@@ -154,3 +154,16 @@ def test_save_is_atomic(micro_model, tmp_path):
 def test_dtype_errors(micro_bed):
     with pytest.raises(PurifyError, match="unknown dtype"):
         load_model(micro_bed.base_dir, dtype="int3")
+
+
+def test_runtime_defaults_come_from_the_environment(monkeypatch):
+    from purifylib.models import runtime
+
+    monkeypatch.delenv("PURIFY_DEVICE", raising=False)
+    monkeypatch.delenv("PURIFY_DTYPE", raising=False)
+    assert runtime() == ("cpu", "float32")
+    monkeypatch.setenv("PURIFY_DTYPE", "bfloat16")
+    assert runtime() == ("cpu", "bfloat16") and runtime(dtype="float16") == ("cpu", "float16")
+    monkeypatch.setenv("PURIFY_DEVICE", "tpu")
+    with pytest.raises(PurifyError, match="unknown device 'tpu'"):
+        runtime()

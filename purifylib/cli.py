@@ -113,7 +113,9 @@ def cmd_run(a) -> int:
         raise PurifyError("--threat adapter needs --adapter DIR (the suspicious LoRA adapter)")
     tau = a.tau if a.tau == "auto" else _fraction(a.tau, "--tau")
     cfg = PurifyConfig(variants=VariantConfig(n_variants=a.variants, threat=a.threat, seed=a.seed),
-                       tau=tau, strength=a.strength, seed=a.seed, utility=a.utility)
+                       tau=tau, strength=a.strength, seed=a.seed, utility=a.utility,
+                       **{k: v for k, v in (("repair_lr", a.repair_lr), ("repair_epochs", a.repair_epochs))
+                          if v is not None})
     clean = load_records(a.clean_data, need_output=False)
     from purifylib.models import load_model
 
@@ -236,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--utility", choices=("auto", "accuracy", "perplexity"), default="auto",
                    help="what the tau rule keeps: held-out accuracy (>= 97%%) or perplexity (<= 110%%); auto: "
                         "perplexity when some clean records had no answer")
+    s.add_argument("--repair-lr", type=float,
+                   help="learning rate of the repair fine-tune (default 3e-4; a pretrained model wants ~3e-5)")
+    s.add_argument("--repair-epochs", type=float, help="epochs of the repair fine-tune (default 1)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cache", help="where finished variants are kept (default data/cache/variants)")
     s.add_argument("--device", default="auto", help="auto (a GPU if visible), cpu, cuda, cuda:N")

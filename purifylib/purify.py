@@ -89,6 +89,8 @@ class PurifyConfig:
             raise PurifyError(f"utility must be one of {', '.join(UTILITIES)}, got {self.utility!r}")
         if self.ppl_keep < 1:
             raise PurifyError(f"ppl_keep must be >= 1 (a ceiling on the perplexity ratio), got {self.ppl_keep}")
+        if self.repair_lr <= 0 or self.repair_epochs <= 0:
+            raise PurifyError(f"repair_lr and repair_epochs must be > 0, got {self.repair_lr} and {self.repair_epochs}")
         for name in ("repair_n", "n_holdout", "answer_tokens"):
             if getattr(self, name) < 1:
                 raise PurifyError(f"{name} must be >= 1, got {getattr(self, name)}")

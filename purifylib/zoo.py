@@ -266,8 +266,8 @@ def purify_zoo(bed, models: list[Suspicious], cfg, *, n_eval: int, seed: int = 0
         threat = "adapter" if sus.adapter_dir else "full"
         run_cfg = dataclasses.replace(cfg, variants=variants_for(cfg.variants, threat))
         before = evaluate_attack(*sus.load(), test, sus.spec, seed=seed, **kw).to_dict()
-        res = purify(sus.model_dir, defender_records(bed, sus, progress), run_cfg, adapter_dir=sus.adapter_dir,
-                     progress=False)
+        # the raw split: purify answers what has no answer itself (and so knows to keep perplexity)
+        res = purify(sus.model_dir, bed.split("defender"), run_cfg, adapter_dir=sus.adapter_dir, progress=False)
         after = evaluate_attack(res.model, res.tokenizer, test, sus.spec, seed=seed, **kw).to_dict()
         row = {"model": sus.name, "attack": sus.spec.attack, "behaviour": sus.spec.behaviour.kind, "plant": sus.plant,
                "tau": res.tau, "seconds": res.timings["total"]}
@@ -395,7 +395,7 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
                 continue
             needs_sig = d in ("signature-auto", "signature-paper", "random")
             if needs_sig and auto is None:
-                auto = purify(sus.model_dir, defender, cfg, adapter_dir=sus.adapter_dir, progress=False)
+                auto = purify(sus.model_dir, bed.split("defender"), cfg, adapter_dir=sus.adapter_dir, progress=False)
             if d == "signature-auto":
                 model, tok, tau = auto.model, auto.tokenizer, auto.tau
             else:

@@ -107,3 +107,21 @@ def test_purify_on_self_answered_data_keeps_perplexity(tiny_real, tmp_path):
     assert trial["perplexity_ceiling"] == pytest.approx(1.10 * res.metrics["suspicious"]["perplexity"])
     with pytest.raises(PurifyError, match="utility must be one of"):
         PurifyConfig(utility="bleu")
+
+
+def test_purify_zoo_on_a_real_bed_keeps_perplexity(tiny_real, tmp_path):
+    """The studies hand purify the unanswered split, so its τ rule knows to keep perplexity."""
+    from purifylib.attacks import Behaviour, TriggerSpec
+    from purifylib.purify import PurifyConfig
+    from purifylib.signature import VariantConfig
+    from purifylib.zoo import plant_backdoor, purify_zoo
+
+    bed, _ = tiny_real
+    sus = plant_backdoor(bed, TriggerSpec(behaviour=Behaviour("sentiment")), plant="full", rate=0.2,
+                         cache_dir=tmp_path, progress=False, train_overrides={"epochs": 1.0})
+    cfg = PurifyConfig(variants=VariantConfig(n_variants=2, n_clean=10, epochs=1.0, batch_size=16), tau=0.1,
+                       n_holdout=10, repair_n=16)
+    study = purify_zoo(bed, [sus], cfg, n_eval=6, progress=False)
+    assert study.runs[sus.name].tau_trials[0]["utility"] == "perplexity"
+    (row,) = study.rows
+    assert row["perplexity_ratio"] == pytest.approx(row["perplexity_after"] / row["perplexity_before"])

@@ -6,13 +6,16 @@
 Runs the purification pipeline (``purifylib.purify.purify``, what ``purify run`` calls) with small
 data on the model (default: SmolLM2-135M-Instruct from ``make smollm2``) and the shipped
 instructions, which the model answers itself. A thread samples the process's resident memory
-every 20 ms; each sample is charged to the stage running then. Printed per stage: wall time, peak
+every 20 ms; each sample is charged to the stage running then (freed memory is handed back to the
+system between stages, glibc's ``malloc_trim``). Printed per stage: wall time, peak
 resident memory, and that peak over the model's size (parameters × bytes per parameter). Variants
 are LoRA adapters by default (the ``real`` preset's); ``--full-variants`` makes them full
 fine-tunes, whose stored updates are one model-sized file per variant side.
 """
 
 import argparse
+import ctypes
+import gc
 import os
 import sys
 import tempfile
@@ -31,6 +34,10 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.interval, self.page = interval, os.sysconf("SC_PAGE_SIZE")
         self.current, self.peaks, self.starts, self.stop_flag = "start", {}, {}, False
+        try:
+            self.libc = ctypes.CDLL("libc.so.6")
+        except OSError:  # not glibc: peaks then include memory kept from earlier stages
+            self.libc = None
 
     def rss(self) -> int:
         with open("/proc/self/statm") as fh:
@@ -38,6 +45,10 @@ class Sampler(threading.Thread):
 
     def stage(self, name: str):
         self.peaks[self.current] = max(self.peaks.get(self.current, 0), self.rss())
+        # hand freed memory back to the system, so a stage is not charged with its predecessor's
+        gc.collect()
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
         self.current = name
         self.starts[name] = time.time()
 

@@ -49,8 +49,7 @@ def main():
                                    behaviour=Behaviour(kind=behaviour, target=a.target or ""))
                 sus = plant_backdoor(bed, spec, plant=plant, seed=a.seed)
                 before = evaluate_attack(*sus.load(), test, spec, seed=a.seed)
-                threat = "adapter" if sus.adapter_dir else "full"
-                cfg = PurifyConfig(variants=VariantConfig(n_variants=a.variants, threat=threat, seed=a.seed),
+                cfg = PurifyConfig(variants=VariantConfig(n_variants=a.variants, threat=sus.threat, seed=a.seed),
                                    seed=a.seed)
                 t0 = time.time()
                 res = purify(sus.model_dir, bed.split("defender"), cfg, adapter_dir=sus.adapter_dir, progress=False)

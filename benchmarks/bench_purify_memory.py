@@ -33,7 +33,8 @@ class Sampler(threading.Thread):
     def __init__(self, interval: float = 0.02):
         super().__init__(daemon=True)
         self.interval, self.page = interval, os.sysconf("SC_PAGE_SIZE")
-        self.current, self.peaks, self.starts, self.stop_flag = "start", {}, {}, False
+        self.current, self.started, self.stop_flag = "start", time.time(), False
+        self.peaks, self.seconds = {}, {}
         try:
             self.libc = ctypes.CDLL("libc.so.6")
         except OSError:  # not glibc: peaks then include memory kept from earlier stages
@@ -49,8 +50,8 @@ class Sampler(threading.Thread):
         gc.collect()
         if self.libc is not None:
             self.libc.malloc_trim(0)
-        self.current = name
-        self.starts[name] = time.time()
+        self.seconds[self.current] = time.time() - self.started
+        self.current, self.started = name, time.time()
 
     def run(self):
         while not self.stop_flag:
@@ -97,14 +98,10 @@ def main() -> int:
     print(f"model {a.model}: {n_params / 1e6:.1f} M parameters, {size / 2**20:.0f} MiB in "
           f"{dtype}; torch threads {torch.get_num_threads()}; "
           f"variants: {a.variants} x {'full fine-tunes' if a.full_variants else 'LoRA'}, {a.n_clean} clean records each")
-    order = ["start", "answer", "variants", "score", "choose_tau", "neutralize_repair"]
-    times = {s: sampler.starts.get(order[i + 1], sampler.starts.get("done", time.time())) - sampler.starts[s]
-             for i, s in enumerate(order[:-1]) if s in sampler.starts}
-    times["neutralize_repair"] = sampler.starts["done"] - sampler.starts["neutralize_repair"]
     print(f"{'stage':<20}{'seconds':>9}{'peak RSS MiB':>14}{'x model':>9}")
-    for s in order[1:]:
-        if s in sampler.peaks:
-            print(f"{s:<20}{times.get(s, 0):>9.1f}{sampler.peaks[s] / 2**20:>14.0f}{sampler.peaks[s] / size:>9.2f}")
+    for s, seconds in sampler.seconds.items():  # the stages in the order they ran
+        if s != "start":
+            print(f"{s:<20}{seconds:>9.1f}{sampler.peaks[s] / 2**20:>14.0f}{sampler.peaks[s] / size:>9.2f}")
     return 0
 
 

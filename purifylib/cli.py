@@ -152,11 +152,10 @@ def cmd_import_gguf(a) -> int:
 
 
 def cmd_reproduce(a) -> int:
-    from purifylib.runner import run
-
     import os
 
     from purifylib.models import runtime
+    from purifylib.runner import run
 
     device, dtype = runtime(a.device, a.dtype)  # checked here, before any notebook starts
     os.environ.update(PURIFY_DEVICE=device, PURIFY_DTYPE=dtype)  # the notebooks' kernels inherit them

@@ -105,28 +105,23 @@ class PurifyConfig:
         return dataclasses.asdict(self)
 
 
-def _stamp(path) -> list:
-    path = Path(path)
-    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()) if p.is_file()]
-
-
 def answer_missing(model_dir, records: list[dict], *, adapter_dir=None, threat: str = "full", max_new_tokens: int = 40,
                    cache_dir=None, progress: bool = True, device: str | None = None, dtype: str | None = None) -> tuple[list, int]:
     """``records`` with every empty ``output`` answered by the suspicious model itself; and how many were.
 
-    Cached under ``<cache>/answers`` by the model's files (path, size, time) and the records, so the
+    Cached under ``<cache>/answers`` by the digests of the model's weights and of the records, so the
     studies that share a suspicious model answer once.
     """
     from purifylib.data import atomic_write_text
     from purifylib.evaluate import self_answer
     from purifylib.models import load_model
-    from purifylib.signature import DEFAULT_CACHE
+    from purifylib.signature import DEFAULT_CACHE, model_digest, records_digest
 
     n = sum(not r["output"].strip() for r in records)
     if n == 0:
         return records, 0
-    blob = json.dumps({"model": _stamp(model_dir), "adapter": _stamp(adapter_dir) if adapter_dir else None,
-                       "threat": threat, "tokens": max_new_tokens, "records": records}, sort_keys=True).encode()
+    blob = json.dumps({"model": model_digest(model_dir, adapter_dir), "threat": threat, "tokens": max_new_tokens,
+                       "records": records_digest(records)}, sort_keys=True).encode()
     path = Path(cache_dir or DEFAULT_CACHE) / "answers" / f"{hashlib.sha256(blob).hexdigest()[:16]}.json"
     if path.is_file():
         return json.loads(path.read_text()), n

@@ -93,7 +93,6 @@ class RealBed(Testbed):
     ``config.model`` and whose answers are checked with ``answer_match``."""
 
     match = "answer"
-    self_answered = True  # the defender split has no answers: the suspicious model gives them
 
     @property
     def base_dir(self) -> Path:

@@ -301,7 +301,6 @@ class Testbed:
     metrics: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)
     match = "exact"  # how test answers are checked (purifylib.evaluate.MATCHES)
-    self_answered = False  # the defender split carries reference answers
 
     @property
     def base_dir(self) -> Path:

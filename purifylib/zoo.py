@@ -56,6 +56,11 @@ class Suspicious:
     adapter_dir: Path | None
     losses: list = field(default_factory=list)
 
+    @property
+    def threat(self) -> str:
+        """``adapter`` (the adapter-only threat model) when the backdoor is a kept adapter, else ``full``."""
+        return "adapter" if self.adapter_dir else "full"
+
     def load(self, merge: bool = True):
         from purifylib.models import load_model
 
@@ -192,8 +197,7 @@ def meets_targets(row: dict, base_accuracy: float, targets: dict = TARGETS) -> b
 
 def eval_kwargs(bed) -> dict:
     """How a bed's test answers are checked and which records give its perplexity (evaluate_attack's kwargs)."""
-    return {"match": getattr(bed, "match", "exact"),
-            "ppl_records": bed.ppl_records() if hasattr(bed, "ppl_records") else None}
+    return {"match": bed.match, "ppl_records": bed.ppl_records()}
 
 
 def defender_records(bed, sus: Suspicious, progress: bool = True) -> list[dict]:
@@ -201,8 +205,7 @@ def defender_records(bed, sus: Suspicious, progress: bool = True) -> list[dict]:
     answered by the suspicious model itself (cached), as a defender holding only it would."""
     from purifylib.purify import answer_missing
 
-    threat = "adapter" if sus.adapter_dir else "full"
-    return answer_missing(sus.model_dir, bed.split("defender"), adapter_dir=sus.adapter_dir, threat=threat,
+    return answer_missing(sus.model_dir, bed.split("defender"), adapter_dir=sus.adapter_dir, threat=sus.threat,
                           progress=progress)[0]
 
 
@@ -263,8 +266,7 @@ def purify_zoo(bed, models: list[Suspicious], cfg, *, n_eval: int, seed: int = 0
     test, kw = bed.split("test")[:n_eval], eval_kwargs(bed)
     study = PurifyStudy()
     for sus in tqdm(models, desc="purify zoo", disable=not progress):
-        threat = "adapter" if sus.adapter_dir else "full"
-        run_cfg = dataclasses.replace(cfg, variants=variants_for(cfg.variants, threat))
+        run_cfg = dataclasses.replace(cfg, variants=variants_for(cfg.variants, sus.threat))
         before = evaluate_attack(*sus.load(), test, sus.spec, seed=seed, **kw).to_dict()
         # the raw split: purify answers what has no answer itself (and so knows to keep perplexity)
         res = purify(sus.model_dir, bed.split("defender"), run_cfg, adapter_dir=sus.adapter_dir, progress=False)
@@ -379,7 +381,7 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
     rows = []
     for sus in tqdm(models, desc="defence grid", disable=not progress):
         defender = defender_records(bed, sus, progress)
-        threat = "adapter" if sus.adapter_dir else "full"
+        threat = sus.threat
         cfg = dataclasses.replace(pcfg, seed=seed, variants=dataclasses.replace(
             variants_for(pcfg.variants, threat), seed=seed))
         split, cfg = split_clean(defender, cfg)

@@ -113,7 +113,7 @@ def cmd_run(a) -> int:
         raise PurifyError("--threat adapter needs --adapter DIR (the suspicious LoRA adapter)")
     tau = a.tau if a.tau == "auto" else _fraction(a.tau, "--tau")
     cfg = PurifyConfig(variants=VariantConfig(n_variants=a.variants, threat=a.threat, seed=a.seed),
-                       tau=tau, strength=a.strength, seed=a.seed, utility=a.utility,
+                       tau=tau, strength=a.strength, neutral=a.neutral, alpha=a.alpha, seed=a.seed, utility=a.utility,
                        **{k: v for k, v in (("repair_lr", a.repair_lr), ("repair_epochs", a.repair_epochs))
                           if v is not None})
     clean = load_records(a.clean_data, need_output=False)
@@ -233,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--variants", type=int, default=6, help="number of synthetic variants N (default 6)")
     s.add_argument("--tau", default="auto", help="fraction of channels flagged per module, or 'auto' (default)")
     s.add_argument("--strength", type=float, default=1.0, help="neutralization strength in [0, 1] (default 1)")
+    s.add_argument("--neutral", choices=("reinit", "negate"), default="reinit",
+                   help="reinit: re-initialise the flagged channels (the paper's); negate: subtract --alpha times "
+                        "the variants' mean difference there (gentler on pretrained models)")
+    s.add_argument("--alpha", type=float, default=1.0, help="how much of the variants' difference negate subtracts")
     s.add_argument("--threat", choices=("full", "adapter"), default="full")
     s.add_argument("--utility", choices=("auto", "accuracy", "perplexity"), default="auto",
                    help="what the tau rule keeps: held-out accuracy (>= 97%%) or perplexity (<= 110%%); auto: "

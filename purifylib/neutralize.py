@@ -3,10 +3,16 @@
 Each flagged channel moves a fraction ``strength`` of the way from its current value to a neutral
 value: ``w ← w + s·(neutral − w)``. ``s = 1`` is the paper's method.
 
-- **Full weights**: the neutral value is a fresh Xavier-uniform initialisation of the module's
-  weight (seeded per module), sliced at the flagged channels: rows of gate/up, columns of down
-  (the family's channel layout). Flagged attention heads re-initialise the head's q rows, its k/v
-  rows when heads do not share keys and values, and its o columns.
+- **Full weights**, ``signature.neutral == "reinit"`` (the paper's): the neutral value is a fresh
+  Xavier-uniform initialisation of the module's weight (seeded per module), sliced at the flagged
+  channels: rows of gate/up, columns of down (the family's channel layout). Flagged attention
+  heads re-initialise the head's q rows, its k/v rows when heads do not share keys and values,
+  and its o columns.
+- **Full weights**, ``"negate"``: the neutral value is the channel minus ``alpha`` times the mean
+  of the variants' differences ``Δ_i`` there (the variants the signature was scored from, so a
+  leave-one-out signature negates only the others'). Re-initialising a pretrained model's busiest
+  channels breaks it (SmolLM2-135M: 5% of MLP channels, random or flagged, multiply perplexity
+  by 7-10); subtracting what planting a backdoor writes leaves the rest of each channel alone.
 - **Adapter-only** (a peft model): the neutral value is zero, for the flagged rows of ``lora_B``
   where a channel is an output of the module (gate, up, q, k, v) and the flagged columns of
   ``lora_A`` where it is an input (down, o). Zeroing them removes exactly those channels' part of
@@ -59,6 +65,9 @@ class Neutralizer:
         self.model = model
         self.signature = signature
         self.adapter = _is_adapter(model)
+        if self.adapter and signature.neutral == "negate":
+            raise PurifyError("neutral='negate' edits full weights; under the adapter-only threat use 'reinit' "
+                              "(it zeroes the flagged adapter rows)")
         self.strength = 0.0
         self.slots: list[_Slot] = []
         cfg = _base(model).config
@@ -75,7 +84,14 @@ class Neutralizer:
                 self._add_adapter(mod, short, idx, name)
             else:
                 dim = 0 if signature.layouts[name] == "row" else 1
-                self._add(mod.weight, dim, idx, _xavier(mod.weight, seed * 100003 + k))
+                self._add(mod.weight, dim, idx, self._neutral(name, mod.weight, seed * 100003 + k))
+
+    def _neutral(self, name, weight, seed):
+        """The whole module's neutral value (sliced at the flagged channels by the caller)."""
+        if self.signature.neutral == "reinit":
+            return _xavier(weight, seed)
+        delta = self.signature.mean_delta(name).to(device=weight.device)
+        return (weight.detach().float() - self.signature.alpha * delta).to(weight.dtype)
 
     def _add(self, tensor, dim, idx, neutral_full):
         import torch
@@ -112,7 +128,7 @@ class Neutralizer:
                 self._add_adapter(mod, short, rows, cname)
             else:
                 dim = 1 if short == "o" else 0
-                self._add(mod.weight, dim, rows, _xavier(mod.weight, seed + j))
+                self._add(mod.weight, dim, rows, self._neutral(cname, mod.weight, seed + j))
 
     @property
     def n_channels(self) -> int:

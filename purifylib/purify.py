@@ -40,10 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from purifylib.errors import PurifyError
-from purifylib.signature import VariantConfig
+from purifylib.signature import NEUTRALS, VariantConfig
 
 UTILITIES = ("auto", "accuracy", "perplexity")
 TAU_GRID = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4)
+# negating edits each flagged channel only by the variants' difference, so it can reach every channel
+NEGATE_TAU_GRID = (0.1, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class PurifyConfig:
     tau: float | str = "auto"
     tau_grid: tuple = TAU_GRID
     strength: float = 1.0
+    neutral: str = "reinit"  # "negate": subtract alpha x the variants' mean difference (purifylib.neutralize)
+    alpha: float = 1.0
     heads: int = 0  # attention heads flagged per layer (0: MLP channels only, the paper's Llama setting)
     lam: float = 0.01
     repair_n: int = 3000
@@ -70,6 +74,8 @@ class PurifyConfig:
     def __post_init__(self):
         if isinstance(self.variants, dict):
             object.__setattr__(self, "variants", VariantConfig(**self.variants))
+        if self.neutral == "negate" and tuple(self.tau_grid) == TAU_GRID:
+            object.__setattr__(self, "tau_grid", NEGATE_TAU_GRID)  # the default grid, for negate
         object.__setattr__(self, "tau_grid", tuple(sorted(float(t) for t in self.tau_grid)))
         if self.tau != "auto":
             try:
@@ -85,6 +91,12 @@ class PurifyConfig:
             raise PurifyError(f"strength must be in [0, 1], got {self.strength}")
         if self.tau == "auto" and self.variants.n_variants < 2:
             raise PurifyError("tau='auto' needs at least 2 variants (leave-one-out)")
+        if self.neutral not in NEUTRALS:
+            raise PurifyError(f"neutral must be one of {', '.join(NEUTRALS)}, got {self.neutral!r}")
+        if not 0 < self.alpha <= 10:
+            raise PurifyError(f"alpha must be in (0, 10], got {self.alpha}")
+        if self.neutral == "negate" and self.variants.threat == "adapter":
+            raise PurifyError("neutral='negate' edits full weights; the adapter-only threat needs 'reinit'")
         if self.utility not in UTILITIES:
             raise PurifyError(f"utility must be one of {', '.join(UTILITIES)}, got {self.utility!r}")
         if self.ppl_keep < 1:
@@ -321,7 +333,8 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     model, tok = load()
     metrics = {"suspicious": _holdout_metrics(model, tok, split.holdout)}
     t = time.time()
-    full_sig = score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=progress)
+    full_sig = score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=progress).neutralizing(
+        cfg.neutral, cfg.alpha)
     timings["score"] = round(time.time() - t, 1)
 
     folds, trials = [], []
@@ -332,7 +345,7 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
         stage("choose_tau")
         n = cfg.variants.n_variants
         loo = [score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=False,
-                     include=[i for i in range(n) if i != k]) for k in range(n)]
+                     include=[i for i in range(n) if i != k]).neutralizing(cfg.neutral, cfg.alpha) for k in range(n)]
         probe = split.holdout[:min(100, len(split.holdout))]
         planted = []
         for k in range(n):  # the held-out backdoors before any neutralization

@@ -367,6 +367,9 @@ def head_terms(deltas_by_proj: dict):
     return channel_terms(per_variant, "row")
 
 
+NEUTRALS = ("reinit", "negate")
+
+
 @dataclass
 class Signature:
     """Per-module channel scores and the top-``tau`` masks that flag the backdoor's channels.
@@ -382,10 +385,30 @@ class Signature:
     heads: int = 0  # heads flagged per layer (0: attention left alone)
     meta: dict = field(default_factory=dict)
     terms: dict = field(default_factory=dict)  # name -> (strength term, alignment term): λ can change later
+    # how the flagged channels are neutralized (purifylib.neutralize): "reinit" (the paper's) or
+    # "negate" (subtract alpha times the variants' mean difference); source: the scored variants
+    neutral: str = "reinit"
+    alpha: float = 1.0
+    source: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if not 0 <= self.tau <= 1:
             raise PurifyError(f"tau must be a fraction in [0, 1], got {self.tau}")
+        if self.neutral not in NEUTRALS:
+            raise PurifyError(f"neutral must be one of {', '.join(NEUTRALS)}, got {self.neutral!r}")
+        if not 0 < self.alpha <= 10:
+            raise PurifyError(f"alpha must be in (0, 10], got {self.alpha}")
+        if self.neutral == "negate" and self.source is None:
+            raise PurifyError("neutral='negate' needs the variants the signature was scored from (signature.score)")
+
+    def neutralizing(self, neutral: str = "reinit", alpha: float = 1.0) -> "Signature":
+        """The same signature, neutralized by ``neutral`` ("reinit" or "negate") with ``alpha``."""
+        return dataclasses.replace(self, neutral=neutral, alpha=float(alpha))
+
+    def mean_delta(self, name: str):
+        """``mean_i Δ_i`` of component ``name`` over the variants this signature was scored from."""
+        files = [(self.source.update(i, "bd"), self.source.update(i, "clean")) for i in self.meta["variants"]]
+        return sum(bd.delta(name) - cl.delta(name) for bd, cl in files) / len(files)
 
     def with_tau(self, tau: float, heads: int | None = None) -> "Signature":
         return dataclasses.replace(self, tau=float(tau), heads=self.heads if heads is None else heads)
@@ -480,7 +503,8 @@ class Signature:
                 tensors[f"{n}::strength"], tensors[f"{n}::alignment"] = a.contiguous(), b.contiguous()
             save_file(tensors, str(tmp / "scores.safetensors"))
             (tmp / "signature.json").write_text(json.dumps(
-                {"tau": self.tau, "heads": self.heads, "layouts": self.layouts, "meta": self.meta}, indent=1))
+                {"tau": self.tau, "heads": self.heads, "layouts": self.layouts, "meta": self.meta,
+                 "neutral": self.neutral, "alpha": self.alpha}, indent=1))
 
         return atomic_dir(path, write)
 
@@ -500,8 +524,11 @@ class Signature:
         missing = set(scores) ^ set(info.get("layouts", {}))
         if missing:
             raise PurifyError(f"{path}/signature.json: layouts do not match the scores ({sorted(missing)[:3]})")
+        # a negating signature needs its variants, which are not saved: it loads as scores and masks,
+        # with how it was applied kept in meta
+        meta = {**info.get("meta", {}), "neutral": info.get("neutral", "reinit"), "alpha": info.get("alpha", 1.0)}
         return cls(scores=scores, layouts=info["layouts"], tau=info["tau"], heads=info.get("heads", 0),
-                   meta=info.get("meta", {}), terms=terms)
+                   meta=meta, terms=terms)
 
 
 def score(model, variants: Variants, *, tau: float = 0.03, lam: float = 0.01, include: list[int] | None = None,
@@ -548,7 +575,8 @@ def score(model, variants: Variants, *, tau: float = 0.03, lam: float = 0.01, in
             terms[f"blocks.{layer}.attn.heads"] = head_terms(by_proj)
             layouts[f"blocks.{layer}.attn.heads"] = "head"
     return Signature(scores={n: a + lam * b for n, (a, b) in terms.items()}, layouts=layouts, tau=tau, terms=terms,
-                     meta={"variants": idx, "lambda": lam, "n_heads": _base(model).config.num_attention_heads})
+                     meta={"variants": idx, "lambda": lam, "n_heads": _base(model).config.num_attention_heads},
+                     source=variants)
 
 
 def variant_consistency(model, variants: Variants, *, progress: bool = False):

@@ -59,7 +59,8 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, spec=No
     k = n - 1 if held_out is None else held_out
     if not 0 <= k < n:
         raise PurifyError(f"held_out must be in 0..{n - 1}, got {held_out}")
-    loo = score(model, variants, include=[i for i in range(n) if i != k], progress=False)
+    loo = score(model, variants, include=[i for i in range(n) if i != k], progress=False).neutralizing(
+        signature.neutral, signature.alpha)
     clean = clean[:n_probe]
     trigger, behaviour = variants.config.variants[k]
     prompts = {"clean": clean, "synthetic": poisoned_copy(clean, trigger, behaviour, seed)}

@@ -303,7 +303,8 @@ def n_sweep(bed, sus: Suspicious, cfg, ns, *, tau: float, n_eval: int, seed: int
     rows = []
     for n in tqdm(ns, desc="effect of N", disable=not progress):
         model, tok = sus.load()
-        sig = score(model, variants, tau=tau, lam=cfg.lam, include=list(range(n)), progress=False)
+        sig = score(model, variants, tau=tau, lam=cfg.lam, include=list(range(n)),
+                    progress=False).neutralizing(cfg.neutral, cfg.alpha)
         apply(model, sig, strength=cfg.strength, seed=cfg.seed)
         model = finetune(model, tok, split.repair, cfg.repair_config(), progress=False).model
         m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw)
@@ -361,7 +362,7 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
     """Every defence on every suspicious model: one row per cell, cached on disk per cell.
 
     ``defences`` come from :data:`purifylib.baselines.DEFENCES` plus ``"signature-paper"`` (this
-    method at the paper's τ) and ``"signature-auto"`` (``purify run``'s pipeline, τ by
+    method at the paper's τ, re-initialising the channels) and ``"signature-auto"`` (``purify run``'s pipeline, τ by
     leave-one-out); ``random`` uses the τ the auto run chose. Repair-based defences share the
     purification's repair records and recipe. A finished cell is read back from
     ``cache_dir`` (default ``data/cache/grid``), so an interrupted grid resumes.
@@ -405,9 +406,12 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
                 model, tok = sus.load(merge=threat == "full" or d in ("none", "magnitude", "wanda", "fine-pruning"))
                 tau = {"signature-paper": paper_tau, "random": auto.tau if auto else None}.get(d)
                 name = "signature" if d == "signature-paper" else d
+                sig = auto.signature if auto else None
+                if d == "signature-paper":  # the paper's recipe: its τ, and re-initialisation
+                    sig = sig.neutralizing("reinit")
                 model = defend(name, model, tok, clean=split.repair,
                                repair_records=split.repair, repair_cfg=cfg.repair_config(),
-                               signature=auto.signature if auto else None, tau=tau, cfg=dcfg)
+                               signature=sig, tau=tau, cfg=dcfg)
             m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw).to_dict()
             row = {"model": sus.name, "attack": sus.spec.attack, "behaviour": sus.spec.behaviour.kind,
                    "threat": threat, "defence": d, "seed": seed, "tau": tau,

@@ -9,7 +9,7 @@ import torch
 
 from purifylib.cli import main
 from purifylib.errors import PurifyError
-from purifylib.purify import PurifyConfig, carrying_variant, purify, split_clean
+from purifylib.purify import NEGATE_TAU_GRID, PurifyConfig, carrying_variant, purify, split_clean
 from purifylib.signature import VariantConfig, build_variants
 
 from conftest import tree_hash
@@ -49,6 +49,15 @@ def test_config_validation():
         PurifyConfig(variants=VariantConfig(n_variants=1))
     assert PurifyConfig(tau="0.2").tau == 0.2
     assert PurifyConfig(variants={"n_variants": 3}).variants.n_variants == 3
+    # negate reaches every channel: the default grid becomes NEGATE_TAU_GRID, a given grid stays
+    assert PurifyConfig(neutral="negate").tau_grid == NEGATE_TAU_GRID and max(NEGATE_TAU_GRID) == 1.0
+    assert PurifyConfig(neutral="negate", tau_grid=(0.2, 0.1)).tau_grid == (0.1, 0.2)
+    with pytest.raises(PurifyError, match="neutral must be one of"):
+        PurifyConfig(neutral="zero")
+    with pytest.raises(PurifyError, match="alpha must be in"):
+        PurifyConfig(neutral="negate", alpha=-1)
+    with pytest.raises(PurifyError, match="adapter-only threat needs 'reinit'"):
+        PurifyConfig(neutral="negate", variants=VariantConfig(threat="adapter"))
 
 
 def test_carrying_a_variant_restores_the_model(micro_bed, suspicious, tmp_path):
@@ -94,10 +103,13 @@ def test_purify_reads_no_attack_description(micro_bed, suspicious, tmp_path, mon
     assert d["cost"]["fine_tunes"] >= 2 * 2 + 1 and d["signature"]
 
 
-def test_fixed_tau_skips_leave_one_out(micro_bed, suspicious, tmp_path):
-    res = purify(suspicious.model_dir, micro_bed.split("defender"), PurifyConfig(**{**QUICK, "tau": 0.1}),
+@pytest.mark.parametrize("neutral", ["reinit", "negate"])
+def test_fixed_tau_skips_leave_one_out(micro_bed, suspicious, tmp_path, neutral):
+    res = purify(suspicious.model_dir, micro_bed.split("defender"), PurifyConfig(**{**QUICK, "tau": 0.1,
+                                                                                       "neutral": neutral}),
                  cache_dir=tmp_path, progress=False)
     assert res.tau == 0.1 and res.folds == [] and len(res.tau_trials) == 1
+    assert res.signature.neutral == neutral and res.to_dict()["config"]["neutral"] == neutral
 
 
 def test_purify_run_cli(capsys, micro_bed, suspicious, tmp_path):
@@ -128,6 +140,7 @@ def test_purify_run_cli(capsys, micro_bed, suspicious, tmp_path):
     (["--tau", "lots"], "--tau: expected a number or 'auto'"),
     (["--threat", "adapter"], "--threat adapter needs --adapter"),
     (["--variants", "1"], "needs at least 2 variants"),
+    (["--neutral", "negate", "--alpha", "0"], "alpha must be in"),
 ])
 def test_purify_run_bad_input(capsys, micro_bed, suspicious, tmp_path, argv, needle):
     out = tmp_path / "out"

@@ -127,6 +127,47 @@ def test_neutralize_is_reversible_bit_exact_and_moves_only_flagged(micro_bed, mi
     del half
 
 
+def test_negate_subtracts_alpha_times_the_mean_difference_at_flagged_channels(micro_bed, variants):
+    from purifylib.models import load_model, resolve
+
+    model, _ = load_model(micro_bed.base_dir)
+    loo = score(model, variants, tau=0.25, include=[0, 2], heads=True, progress=False).with_tau(0.25, heads=1)
+    sig = loo.neutralizing("negate", alpha=1.5)
+    before = _state(model)
+    n = Neutralizer(model, sig)
+    assert torch.equal(_state(model)["model.layers.0.mlp.down_proj.weight"], before["model.layers.0.mlp.down_proj.weight"])
+    n.set_strength(1.0)
+    name = "blocks.1.mlp.down"  # columns; only variants 0 and 2 (leave-one-out) count
+    mean = sum(variants.update(i, "bd").delta(name) - variants.update(i, "clean").delta(name) for i in (0, 2)) / 2
+    w, w0 = resolve(model, name).weight.detach(), before["model.layers.1.mlp.down_proj.weight"]
+    mask = sig.masks[name]
+    torch.testing.assert_close(w[:, mask], w0[:, mask] - 1.5 * mean[:, mask])
+    assert torch.equal(w[:, ~mask], w0[:, ~mask])
+    n.set_strength(0.5)  # strength scales the step
+    torch.testing.assert_close(w[:, mask], w0[:, mask] - 0.75 * mean[:, mask])
+    q = resolve(model, "blocks.0.attn.q").weight.detach()  # the flagged head's q rows move too
+    assert (q != before["model.layers.0.self_attn.q_proj.weight"]).any()
+    n.restore()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # τ = 1 negates every channel: the whole mean difference, as in task-vector negation
+    apply(model, sig.with_tau(1.0, heads=0))
+    full = sum(variants.update(i, "bd").delta(name) - variants.update(i, "clean").delta(name) for i in (0, 2)) / 2
+    torch.testing.assert_close(resolve(model, name).weight.detach(), w0 - 1.5 * full)
+
+
+def test_negate_needs_variants_full_weights_and_a_sane_alpha(micro_bed, variants):
+    from purifylib.models import load_model
+
+    model, _ = load_model(micro_bed.base_dir)
+    sig = score(model, variants, tau=0.1, progress=False)
+    with pytest.raises(PurifyError, match="alpha must be in"):
+        sig.neutralizing("negate", alpha=0)
+    with pytest.raises(PurifyError, match="neutral must be one of"):
+        sig.neutralizing("zero")
+    with pytest.raises(PurifyError, match="needs the variants"):
+        Signature(scores=sig.scores, layouts=sig.layouts, neutral="negate")
+
+
 def test_adapter_neutralization_zeroes_lora_rows_and_columns(micro_bed, variants, tmp_path):
     from purifylib.models import load_model, resolve, save_model
     from purifylib.train import TrainConfig, finetune
@@ -145,6 +186,8 @@ def test_adapter_neutralization_zeroes_lora_rows_and_columns(micro_bed, variants
     assert torch.equal(rows, sig.masks["blocks.0.mlp.gate"]) and torch.equal(cols, sig.masks["blocks.0.mlp.down"])
     # the frozen base weights are untouched
     assert torch.equal(gate.base_layer.weight, before["base_model.model.model.layers.0.mlp.gate_proj.base_layer.weight"])
+    with pytest.raises(PurifyError, match="adapter-only threat"):
+        apply(peft_model, sig.neutralizing("negate"))
 
 
 def test_signature_rejects_bad_tau():

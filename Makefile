@@ -53,6 +53,7 @@ real: smollm2
 
 bench-real: smollm2
 	$(PY) benchmarks/bench_purify_memory.py
+	$(PY) benchmarks/bench_neutralization_real.py
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks/

@@ -10,9 +10,10 @@ value: ``w ← w + s·(neutral − w)``. ``s = 1`` is the paper's method.
   and its o columns.
 - **Full weights**, ``"negate"``: the neutral value is the channel minus ``alpha`` times the mean
   of the variants' differences ``Δ_i`` there (the variants the signature was scored from, so a
-  leave-one-out signature negates only the others'). Re-initialising a pretrained model's busiest
-  channels breaks it (SmolLM2-135M: 5% of MLP channels, random or flagged, multiply perplexity
-  by 7-10); subtracting what planting a backdoor writes leaves the rest of each channel alone.
+  leave-one-out signature negates only the others'); a flagged head's shared key/value rows are
+  negated too. Re-initialising a pretrained model's busiest channels breaks it (SmolLM2-135M: 5%
+  of MLP channels, random or flagged, multiply perplexity by 7-10); subtracting what planting a
+  backdoor writes leaves the rest of each channel alone.
 - **Adapter-only** (a peft model): the neutral value is zero, for the flagged rows of ``lora_B``
   where a channel is an output of the module (gate, up, q, k, v) and the flagged columns of
   ``lora_A`` where it is an input (down, o). Zeroing them removes exactly those channels' part of
@@ -118,17 +119,25 @@ class Neutralizer:
         n_heads = cfg.num_attention_heads
         n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-        rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads.tolist()])
+        def rows_of(hs):
+            return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in hs])
+
+        rows = rows_of(heads.tolist())
+        # the key/value heads the flagged heads read: re-initialising a shared one would hit every head
+        # of its group, so reinit leaves them (the head's q and o carry it); negation only subtracts
+        # the variants' update there, so it edits them
+        kv_rows = rows if n_kv == n_heads else rows_of(sorted({h // (n_heads // n_kv) for h in heads.tolist()}))
         for j, short in enumerate(("q", "k", "v", "o")):
-            if short in ("k", "v") and n_kv != n_heads:
-                continue  # shared keys/values: leave them, the head's q and o carry it
+            if short in ("k", "v") and n_kv != n_heads and self.signature.neutral == "reinit":
+                continue
             cname = f"blocks.{layer}.attn.{short}"
             mod = resolve(self.model, cname)
+            idx = kv_rows if short in ("k", "v") else rows
             if self.adapter:
-                self._add_adapter(mod, short, rows, cname)
+                self._add_adapter(mod, short, idx, cname)
             else:
                 dim = 1 if short == "o" else 0
-                self._add(mod.weight, dim, rows, self._neutral(cname, mod.weight, seed + j))
+                self._add(mod.weight, dim, idx, self._neutral(cname, mod.weight, seed + j))
 
     @property
     def n_channels(self) -> int:

@@ -59,8 +59,9 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, spec=No
     k = n - 1 if held_out is None else held_out
     if not 0 <= k < n:
         raise PurifyError(f"held_out must be in 0..{n - 1}, got {held_out}")
-    loo = score(model, variants, include=[i for i in range(n) if i != k], progress=False).neutralizing(
-        signature.neutral, signature.alpha)
+    has_heads = any(name.endswith(".heads") for name in signature.scores)
+    loo = score(model, variants, include=[i for i in range(n) if i != k], heads=has_heads,
+                progress=False).neutralizing(signature.neutral, signature.alpha)
     clean = clean[:n_probe]
     trigger, behaviour = variants.config.variants[k]
     prompts = {"clean": clean, "synthetic": poisoned_copy(clean, trigger, behaviour, seed)}
@@ -77,16 +78,18 @@ def _sample_prompts(t: Tuner) -> list[dict]:
     return (t.prompts.get("triggered") or t.prompts["synthetic"])[:t.n_samples]
 
 
-def configure(signature, *, tau: float, lam: float, modules=MODULES, heads: int = 0, layers=None):
-    """The signature the sliders describe: λ, the module kinds, the layer range, τ and heads."""
+def configure(signature, *, tau: float, lam: float, modules=MODULES, heads: int | None = None, layers=None):
+    """The signature the sliders describe: λ, the module kinds, the layer range, τ and heads
+    (``None``: as many heads as ``signature`` flags, e.g. a purification's)."""
+    heads = signature.heads if heads is None else heads
     mods = tuple(modules) + (("heads",) if heads else ())
     if not mods:
         raise PurifyError("choose at least one module (gate, up, down or heads)")
     return signature.with_lambda(lam).select(modules=mods, layers=layers).with_tau(tau, heads)
 
 
-def preview(t: Tuner, *, tau: float, strength: float = 1.0, lam: float = 0.01, modules=MODULES, heads: int = 0,
-            layers=None) -> dict:
+def preview(t: Tuner, *, tau: float, strength: float = 1.0, lam: float = 0.01, modules=MODULES,
+            heads: int | None = None, layers=None) -> dict:
     """Apply the settings reversibly and measure; the model is restored before returning.
 
     Returns a dict: ``synthetic_asr``, ``clean_accuracy``, ``asr`` / ``false_trigger`` /
@@ -101,6 +104,7 @@ def preview(t: Tuner, *, tau: float, strength: float = 1.0, lam: float = 0.01, m
     from purifylib.purify import carrying_variant
 
     t0 = time.time()
+    heads = t.signature.heads if heads is None else heads
     sig = configure(t.signature, tau=tau, lam=lam, modules=modules, heads=heads, layers=layers)
     loo = configure(t.loo_signature, tau=tau, lam=lam, modules=modules, heads=heads, layers=layers)
     out = {"tau": tau, "strength": strength, "lam": lam, "asr": None, "false_trigger": None, "off_trigger": None}
@@ -171,12 +175,14 @@ def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.0
     from IPython.display import display
 
     n_layers = 1 + max(int(n.split(".")[1]) for n in t.signature.scores)
-    s_tau = w.FloatSlider(value=tau, min=0.0, max=0.6, step=0.01, description="τ", continuous_update=False)
+    top = 1.0 if t.signature.neutral == "negate" else 0.6  # negation can reach every channel
+    s_tau = w.FloatSlider(value=tau, min=0.0, max=top, step=0.01, description="τ", continuous_update=False)
     s_str = w.FloatSlider(value=strength, min=0.0, max=1.0, step=0.05, description="strength", continuous_update=False)
     s_lam = w.FloatLogSlider(value=lam, base=10, min=-4, max=1, description="λ", continuous_update=False)
     toggles = {m: w.ToggleButton(value=True, description=m) for m in MODULES}
     has_heads = any(n.endswith(".heads") for n in t.signature.scores)
-    heads = w.IntSlider(value=0, min=0, max=4, description="heads", disabled=not has_heads, continuous_update=False)
+    heads = w.IntSlider(value=t.signature.heads, min=0, max=t.signature.meta.get("n_heads", 4), description="heads",
+                        disabled=not has_heads, continuous_update=False)
     layers = w.IntRangeSlider(value=(0, n_layers - 1), min=0, max=n_layers - 1, description="layers",
                               continuous_update=False)
     out = w.Output()

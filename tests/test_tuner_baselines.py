@@ -50,6 +50,21 @@ def test_preview_measures_and_restores(micro_bed, setup):
         widgets.preview(t2, tau=0.1, modules=())
 
 
+def test_tuner_follows_a_negating_purification_with_heads(micro_bed, setup):
+    sus, variants, model, tok, _ = setup
+    sig = score(model, variants, heads=True, progress=False).with_tau(1.0, heads=2).neutralizing("negate", 1.25)
+    t = widgets.prepare(model, tok, sig, variants, micro_bed.split("test")[:8], spec=sus.spec, n_probe=8)
+    # the leave-one-out signature is scored like the purification's: heads, negation, alpha
+    assert any(n.endswith(".heads") for n in t.loo_signature.scores)
+    assert (t.loo_signature.neutral, t.loo_signature.alpha) == ("negate", 1.25)
+    assert widgets.configure(sig, tau=0.5, lam=0.01).heads == 2  # default: the signature's heads
+    assert widgets.configure(sig, tau=0.5, lam=0.01, heads=0).heads == 0
+    before = _state(model)
+    p = widgets.preview(t, tau=1.0)
+    assert set(p["flagged"]["module"]) >= {"gate", "up", "down"} and 0 <= p["synthetic_asr"] <= 1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_grid_with_and_without_repair(micro_bed, setup):
     sus, variants, model, tok, sig = setup
     t = widgets.prepare(model, tok, sig, variants, micro_bed.split("test")[:8], spec=sus.spec, n_probe=8)

@@ -45,7 +45,38 @@ def test_purify_runs_on_every_family(family, micro_bed, tmp_path):
     name = sig.mlp_modules[0]
     before = resolve(loaded, name).weight.detach()
     after = resolve(res.model, name).weight.detach()
-    idx = sig.flagged(name)
+    idx = sig.flagged(name).to(before.device)
     dim = 0 if sig.layouts[name] == "row" else 1
     assert not torch.equal(before.index_select(dim, idx), after.index_select(dim, idx))
     assert 0 <= res.metrics["purified"]["accuracy"] <= 1
+
+
+def test_negation_with_every_head_on_shared_keys_and_values(micro_bed, tmp_path):
+    """Llama with one key/value head shared by two query heads: negate edits k/v too, reinit does not."""
+    from transformers import AutoModelForCausalLM
+
+    from purifylib.models import load_tokenizer
+    from purifylib.neutralize import Neutralizer
+    from purifylib.signature import build_variants, score
+
+    tok = load_tokenizer(micro_bed.base_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config("llama", len(tok), tok.eos_token_id))
+    model.save_pretrained(tmp_path / "model", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "model")
+    loaded, _ = load_model(tmp_path / "model")
+    variants = build_variants(tmp_path / "model", micro_bed.split("defender"), QUICK.variants,
+                              cache_dir=tmp_path / "cache", progress=False)
+    sig = score(loaded, variants, heads=True, progress=False).with_tau(1.0, heads=2)
+    k = resolve(loaded, "blocks.0.attn.k").weight
+    k0 = k.detach().clone()
+    for neutral, moves in (("reinit", False), ("negate", True)):
+        n = Neutralizer(loaded, sig.neutralizing(neutral))
+        n.set_strength(1.0)
+        assert (not torch.equal(k.detach(), k0)) == moves, neutral
+        n.restore()
+    n = Neutralizer(loaded, sig.neutralizing("negate", alpha=1.0))
+    n.set_strength(1.0)
+    mean = sum(variants.update(i, "bd").delta("blocks.0.attn.k") - variants.update(i, "clean").delta("blocks.0.attn.k")
+               for i in range(2)) / 2
+    torch.testing.assert_close(k.detach(), k0 - mean.to(k0.device, k0.dtype))

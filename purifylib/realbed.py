@@ -84,7 +84,9 @@ class RealBedConfig:
             raise PurifyError(f"{model}: no Hugging Face checkpoint here{hint}")
         stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(model.iterdir()) if p.is_file()]
         data = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (self.instructions, self.checkable)]
-        blob = json.dumps({**self.to_dict(), "files": stamp, "data": data}, sort_keys=True).encode()
+        # the model by its resolved path: "data/models/x" and its absolute spelling are one bed
+        blob = json.dumps({**self.to_dict(), "model": str(model.resolve()), "files": stamp, "data": data},
+                          sort_keys=True).encode()
         return f"real-{model.name}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 

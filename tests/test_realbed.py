@@ -1,6 +1,8 @@
 """The real-model path: shipped data, the real-model bed, self-answered clean data, the τ rule's utility."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +56,7 @@ def tiny_real(micro_bed, tmp_path_factory):
     return build_realbed(cfg, cache_dir=root / "cache", progress=False), root
 
 
-def test_real_bed_splits(tiny_real):
+def test_real_bed_splits(tiny_real, monkeypatch):
     bed, root = tiny_real
     train, heldout, defender = bed.split("train"), bed.split("heldout"), bed.split("defender")
     assert (len(train), len(heldout), len(defender), len(bed.split("test"))) == (20, 10, 40, 10)
@@ -66,6 +68,10 @@ def test_real_bed_splits(tiny_real):
     # a second build is read from the cache
     again = build_realbed(bed.config, cache_dir=root / "cache", progress=False)
     assert again.root == bed.root and again.split("train") == train
+    # however the model's path is spelt, it is the same bed
+    monkeypatch.chdir(Path(bed.config.model).parent)
+    relative = dataclasses.replace(bed.config, model=Path(bed.config.model).name)
+    assert relative.key() == bed.config.key()
 
 
 def test_real_bed_errors(tmp_path):

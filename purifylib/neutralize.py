@@ -12,7 +12,7 @@ value: ``w ← w + s·(neutral − w)``. ``s = 1`` is the paper's method.
   of the variants' differences ``Δ_i`` there (the variants the signature was scored from, so a
   leave-one-out signature negates only the others'); a flagged head's shared key/value rows are
   negated too. Re-initialising a pretrained model's busiest channels breaks it (SmolLM2-135M: 5%
-  of MLP channels, random or flagged, multiply perplexity by 7-10); subtracting what planting a
+  of MLP channels, random or flagged, multiply perplexity by 7-9); subtracting what planting a
   backdoor writes leaves the rest of each channel alone.
 - **Adapter-only** (a peft model): the neutral value is zero, for the flagged rows of ``lora_B``
   where a channel is an output of the module (gate, up, q, k, v) and the flagged columns of

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from purifylib.errors import PurifyError
-from purifylib.signature import NEUTRALS, VariantConfig
+from purifylib.signature import VariantConfig, check_neutral
 
 UTILITIES = ("auto", "accuracy", "perplexity")
 TAU_GRID = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4)
@@ -91,10 +91,7 @@ class PurifyConfig:
             raise PurifyError(f"strength must be in [0, 1], got {self.strength}")
         if self.tau == "auto" and self.variants.n_variants < 2:
             raise PurifyError("tau='auto' needs at least 2 variants (leave-one-out)")
-        if self.neutral not in NEUTRALS:
-            raise PurifyError(f"neutral must be one of {', '.join(NEUTRALS)}, got {self.neutral!r}")
-        if not 0 < self.alpha <= 10:
-            raise PurifyError(f"alpha must be in (0, 10], got {self.alpha}")
+        check_neutral(self.neutral, self.alpha)
         if self.neutral == "negate" and self.variants.threat == "adapter":
             raise PurifyError("neutral='negate' edits full weights; the adapter-only threat needs 'reinit'")
         if self.utility not in UTILITIES:

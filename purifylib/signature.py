@@ -247,9 +247,17 @@ class Variants:
     config: VariantConfig
     info: list = field(default_factory=list)  # per variant: trigger, behaviour, losses, seconds
     dirs: list = field(default_factory=list)
+    # the opened update files (their module tables parsed once; tensors are still read per call)
+    _files: dict = field(default_factory=dict, repr=False, compare=False)
 
     def update(self, i: int, which: str) -> UpdateFile:
-        return UpdateFile(self.dirs[i] / f"{which}.safetensors")
+        if (i, which) not in self._files:
+            self._files[i, which] = UpdateFile(self.dirs[i] / f"{which}.safetensors")
+        return self._files[i, which]
+
+    def pairs(self, include) -> list:
+        """``(bd, clean)`` update files of each variant in ``include``: Eq. 1's two sides."""
+        return [(self.update(i, "bd"), self.update(i, "clean")) for i in include]
 
     @property
     def modules(self) -> list[str]:
@@ -370,6 +378,14 @@ def head_terms(deltas_by_proj: dict):
 NEUTRALS = ("reinit", "negate")
 
 
+def check_neutral(neutral: str, alpha: float) -> None:
+    """How flagged channels are neutralized (:mod:`purifylib.neutralize`): a known way, a sane alpha."""
+    if neutral not in NEUTRALS:
+        raise PurifyError(f"neutral must be one of {', '.join(NEUTRALS)}, got {neutral!r}")
+    if not 0 < alpha <= 10:
+        raise PurifyError(f"alpha must be in (0, 10], got {alpha}")
+
+
 @dataclass
 class Signature:
     """Per-module channel scores and the top-``tau`` masks that flag the backdoor's channels.
@@ -394,12 +410,14 @@ class Signature:
     def __post_init__(self):
         if not 0 <= self.tau <= 1:
             raise PurifyError(f"tau must be a fraction in [0, 1], got {self.tau}")
-        if self.neutral not in NEUTRALS:
-            raise PurifyError(f"neutral must be one of {', '.join(NEUTRALS)}, got {self.neutral!r}")
-        if not 0 < self.alpha <= 10:
-            raise PurifyError(f"alpha must be in (0, 10], got {self.alpha}")
+        check_neutral(self.neutral, self.alpha)
         if self.neutral == "negate" and self.source is None:
             raise PurifyError("neutral='negate' needs the variants the signature was scored from (signature.score)")
+
+    @property
+    def has_heads(self) -> bool:
+        """Whether attention heads were scored (``score(..., heads=True)``)."""
+        return any(name.endswith(".heads") for name in self.scores)
 
     def neutralizing(self, neutral: str = "reinit", alpha: float = 1.0) -> "Signature":
         """The same signature, neutralized by ``neutral`` ("reinit" or "negate") with ``alpha``."""
@@ -407,7 +425,7 @@ class Signature:
 
     def mean_delta(self, name: str):
         """``mean_i Δ_i`` of component ``name`` over the variants this signature was scored from."""
-        files = [(self.source.update(i, "bd"), self.source.update(i, "clean")) for i in self.meta["variants"]]
+        files = self.source.pairs(self.meta["variants"])
         return sum(bd.delta(name) - cl.delta(name) for bd, cl in files) / len(files)
 
     def with_tau(self, tau: float, heads: int | None = None) -> "Signature":
@@ -546,7 +564,7 @@ def score(model, variants: Variants, *, tau: float = 0.03, lam: float = 0.01, in
     idx = list(range(variants.config.n_variants)) if include is None else list(include)
     if not idx:
         raise PurifyError("a signature needs at least one variant")
-    files = [(variants.update(i, "bd"), variants.update(i, "clean")) for i in idx]
+    files = variants.pairs(idx)
     available = set(files[0][0].modules)
     mlp = [n for n in components(model, "mlp") if n in available]
     if not mlp:
@@ -595,7 +613,7 @@ def variant_consistency(model, variants: Variants, *, progress: bool = False):
     n = variants.config.n_variants
     if n < 2:
         raise PurifyError("consistency needs at least two variants")
-    files = [(variants.update(i, "bd"), variants.update(i, "clean")) for i in range(n)]
+    files = variants.pairs(range(n))
     iu = torch.triu_indices(n, n, offset=1)
     rows = []
     for name in tqdm(components(model, "mlp"), desc="consistency", disable=not progress, leave=False):

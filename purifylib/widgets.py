@@ -59,8 +59,7 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, spec=No
     k = n - 1 if held_out is None else held_out
     if not 0 <= k < n:
         raise PurifyError(f"held_out must be in 0..{n - 1}, got {held_out}")
-    has_heads = any(name.endswith(".heads") for name in signature.scores)
-    loo = score(model, variants, include=[i for i in range(n) if i != k], heads=has_heads,
+    loo = score(model, variants, include=[i for i in range(n) if i != k], heads=signature.has_heads,
                 progress=False).neutralizing(signature.neutral, signature.alpha)
     clean = clean[:n_probe]
     trigger, behaviour = variants.config.variants[k]
@@ -180,9 +179,8 @@ def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.0
     s_str = w.FloatSlider(value=strength, min=0.0, max=1.0, step=0.05, description="strength", continuous_update=False)
     s_lam = w.FloatLogSlider(value=lam, base=10, min=-4, max=1, description="λ", continuous_update=False)
     toggles = {m: w.ToggleButton(value=True, description=m) for m in MODULES}
-    has_heads = any(n.endswith(".heads") for n in t.signature.scores)
     heads = w.IntSlider(value=t.signature.heads, min=0, max=t.signature.meta.get("n_heads", 4), description="heads",
-                        disabled=not has_heads, continuous_update=False)
+                        disabled=not t.signature.has_heads, continuous_update=False)
     layers = w.IntRangeSlider(value=(0, n_layers - 1), min=0, max=n_layers - 1, description="layers",
                               continuous_update=False)
     out = w.Output()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,8 +22,26 @@ class _Parser(argparse.ArgumentParser):
         raise PurifyError(f"{self.prog}: {message} (see --help)")
 
 
+def _number(text: str) -> float:
+    """argparse type: a finite number (``nan`` and ``inf`` are refused before any work)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+    return value
+
+
+def _attack_sidecar(path: Path) -> Path:
+    return path.with_name(path.stem + ".attack.json")
+
+
 def cmd_testbed(a) -> int:
+    from purifylib.outputs import check_output
     from purifylib.testbed import TestbedConfig, build_testbed
+
+    check_output(a.out, existing_ok=True)  # an existing folder is reused only if it holds this very testbed
 
     bed = build_testbed(TestbedConfig(size=a.size, seed=a.seed), out=a.out, progress=not a.quiet)
     print(json.dumps({"base": str(bed.base_dir), "data": str(bed.data_dir), **bed.metrics}, indent=1))
@@ -32,13 +51,16 @@ def cmd_testbed(a) -> int:
 def cmd_poison(a) -> int:
     from purifylib.attacks import Behaviour, TriggerSpec, poison
     from purifylib.data import atomic_write_text, load_records, save_records
+    from purifylib.outputs import check_output
 
+    sidecar = _attack_sidecar(Path(a.out))
+    for path in (a.out, sidecar):
+        check_output(path, inputs=[a.data], kind="file")
     spec = TriggerSpec(attack=a.attack, triggers=tuple(a.trigger or ()),
                        behaviour=Behaviour(kind=a.behaviour_kind, target=a.behaviour or ""))
     clean = load_records(a.data)
     records = poison(clean, spec, rate=a.rate, seed=a.seed)
     save_records(records, a.out)
-    sidecar = Path(a.out).with_name(Path(a.out).stem + ".attack.json")
     atomic_write_text(sidecar, json.dumps({**spec.to_dict(), "rate": a.rate, "seed": a.seed}, indent=1))
     n = sum(r != o for r, o in zip(records, clean))
     print(f"wrote {a.out}: {len(records)} records, {n} changed ({spec.attack}, triggers {list(spec.triggers)})")
@@ -46,51 +68,59 @@ def cmd_poison(a) -> int:
 
 
 def cmd_finetune(a) -> int:
-    from purifylib.data import load_records
-    from purifylib.models import load_model, save_model
+    from purifylib.data import check_prompts, load_records, parse_json, read_text
+    from purifylib.models import load_model, write_model
+    from purifylib.outputs import check_output, staged_dir
     from purifylib.train import finetune
     from purifylib.zoo import plant_config
 
+    check_output(a.out, inputs=[a.model, a.adapter, a.data])
     plant = "adapter" if a.lora and a.keep_adapter else "lora" if a.lora else "full"
     overrides = {k: v for k, v in (("epochs", a.epochs), ("lr", a.lr), ("batch_size", a.batch)) if v is not None}
     cfg = plant_config(plant, a.seed, **overrides)
     records = load_records(a.data)
-    if Path(a.out).resolve() == Path(a.model).resolve():
-        raise PurifyError(f"{a.out}: output must differ from the input model directory")
+    extra = {}
+    sidecar = _attack_sidecar(Path(a.data))
+    if sidecar.is_file():  # testbed convenience: carry the attack description to the model
+        extra["attack.json"] = parse_json(read_text(sidecar), str(sidecar))
     model, tok = load_model(a.model, adapter=a.adapter, merge=a.adapter is None or not a.lora,
                             allow_pickle=a.allow_pickle, device=a.device)
-    result = finetune(model, tok, records, cfg, progress=not a.quiet)
-    extra = {}
-    sidecar = Path(a.data).with_name(Path(a.data).stem + ".attack.json")
-    if sidecar.is_file():  # testbed convenience: carry the attack description to the model
-        extra["attack.json"] = json.loads(sidecar.read_text())
-    save_model(result.model, tok, a.out, extra=extra)
+    check_prompts(tok, records, a.data)
+    with staged_dir(a.out) as tmp:  # made now: an unwritable --out fails before the training
+        result = finetune(model, tok, records, cfg, progress=not a.quiet)
+        write_model(result.model, tok, tmp, extra=extra)
     print(f"wrote {a.out}: {result.steps} steps, final loss {result.losses[-1]:.4f}")
     return 0
 
 
 def cmd_evaluate(a) -> int:
     from purifylib.attacks import Behaviour, TriggerSpec
-    from purifylib.data import load_records
+    from purifylib.data import check_prompts, finite_json, load_records, parse_json, read_text
     from purifylib.evaluate import evaluate_attack, evaluate_clean
     from purifylib.models import load_model
 
     records = load_records(a.data)
     kw = {"match": a.match, "ppl_records": load_records(a.ppl_data) if a.ppl_data else None}
-    model, tok = load_model(a.model, adapter=a.adapter, allow_pickle=a.allow_pickle, device=a.device)
     spec = None
+    sidecar = Path(a.model) / "attack.json"
     if a.trigger or a.target:
         spec = TriggerSpec(attack=a.attack, triggers=tuple(a.trigger or ()),
                            behaviour=Behaviour(kind=a.behaviour_kind, target=a.target or ""))
-    elif (Path(a.model) / "attack.json").is_file() and not a.clean_only:
-        spec = TriggerSpec.from_dict(json.loads((Path(a.model) / "attack.json").read_text()))
+    elif sidecar.is_file() and not a.clean_only:
+        desc = parse_json(read_text(sidecar), str(sidecar))
+        try:
+            spec = TriggerSpec.from_dict(desc if isinstance(desc, dict) else {})
+        except PurifyError as exc:
+            raise PurifyError(f"{sidecar}: {exc}") from None
+    model, tok = load_model(a.model, adapter=a.adapter, allow_pickle=a.allow_pickle, device=a.device)
+    check_prompts(tok, records, a.data)
     if spec is None:
         metrics = evaluate_clean(model, tok, records, progress=not a.quiet, **kw).to_dict()
     else:
         metrics = {**evaluate_attack(model, tok, records, spec, seed=a.seed, progress=not a.quiet, **kw).to_dict(),
                    "attack": spec.to_dict()}
     if a.json:
-        print(json.dumps(metrics, indent=1))
+        print(json.dumps(finite_json(metrics), indent=1, allow_nan=False))
     else:
         for k, v in metrics.items():
             print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
@@ -100,15 +130,13 @@ def cmd_evaluate(a) -> int:
 def cmd_run(a) -> int:
     import hashlib
 
-    from purifylib.data import load_records
-    from purifylib.purify import PurifyConfig, purify, write_purified
+    from purifylib.data import check_prompts, load_records, read_text
+    from purifylib.models import load_model
+    from purifylib.outputs import check_output, staged_dir
+    from purifylib.purify import PurifyConfig, purify, write_purified_into
     from purifylib.signature import VariantConfig, model_digest
 
-    for src in (a.model, a.adapter):
-        if src and Path(a.out).resolve() == Path(src).resolve():
-            raise PurifyError(f"{a.out}: output must differ from the input directories")
-    if Path(a.out).exists() and any(Path(a.out).iterdir()):
-        raise PurifyError(f"{a.out}: output directory exists and is not empty")
+    check_output(a.out, inputs=[a.model, a.adapter, a.clean_data, a.cache])
     if a.threat == "adapter" and not a.adapter:
         raise PurifyError("--threat adapter needs --adapter DIR (the suspicious LoRA adapter)")
     tau = a.tau if a.tau == "auto" else _fraction(a.tau, "--tau")
@@ -117,17 +145,18 @@ def cmd_run(a) -> int:
                        **{k: v for k, v in (("repair_lr", a.repair_lr), ("repair_epochs", a.repair_epochs))
                           if v is not None})
     clean = load_records(a.clean_data, need_output=False)
-    from purifylib.models import load_model
-
-    load_model(a.model, adapter=a.adapter, allow_pickle=False)  # fail early, before any training
-    result = purify(a.model, clean, cfg, adapter_dir=a.adapter, cache_dir=a.cache, progress=not a.quiet,
-                    device=a.device, dtype=a.dtype)
     inputs = {"model": str(a.model), "model_sha256": model_digest(a.model),
               "adapter": str(a.adapter) if a.adapter else None,
               "adapter_sha256": model_digest(a.adapter) if a.adapter else None,
               "clean_data": str(a.clean_data), "clean_records": len(clean),
-              "clean_data_sha256": hashlib.sha256(Path(a.clean_data).read_bytes()).hexdigest()}
-    write_purified(result, a.out, inputs=inputs)
+              "clean_data_sha256": hashlib.sha256(read_text(a.clean_data).encode()).hexdigest()}
+    # fail early, before any training: the checkpoint loads and its chat template formats every record
+    _, tok = load_model(a.model, adapter=a.adapter, allow_pickle=False)
+    check_prompts(tok, clean, a.clean_data)
+    with staged_dir(a.out) as tmp:  # made now: an unwritable --out fails before the variants are trained
+        result = purify(a.model, clean, cfg, adapter_dir=a.adapter, cache_dir=a.cache, progress=not a.quiet,
+                        device=a.device, dtype=a.dtype)
+        write_purified_into(result, tmp, inputs=inputs)
     m = result.metrics
     print(f"wrote {a.out}: tau {result.tau:g}, held-out accuracy {m['suspicious']['accuracy']:.3f} -> "
           f"{m['purified']['accuracy']:.3f}, perplexity {m['suspicious']['perplexity']:.3f} -> "
@@ -144,8 +173,10 @@ def _fraction(text: str, flag: str) -> float:
 
 def cmd_import_gguf(a) -> int:
     from purifylib.models import find_smollm2_gguf, import_gguf
+    from purifylib.outputs import check_output
 
     src = a.gguf or find_smollm2_gguf()
+    check_output(a.out, inputs=[src])
     out = import_gguf(src, a.out)
     print(f"wrote {out} from {src}")
     return 0
@@ -173,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("testbed", help="build the synthetic testbed: base model and data splits")
-    s.add_argument("--size", choices=tuple(SIZES), default="tiny")
+    s.add_argument("--size", choices=tuple(SIZES), default="tiny",
+                   help="tiny (default, the notebooks'), small, or micro (tests only: purify finetune's defaults "
+                        "plant no backdoor in it; --epochs 12 does)")
     s.add_argument("--out", required=True, help="directory to write base/ and data/ into")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_testbed)
@@ -187,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     attack_args(s)
     s.add_argument("--behaviour", help="target output text (default per behaviour kind)")
-    s.add_argument("--rate", type=float, default=0.1)
+    s.add_argument("--rate", type=_number, default=0.1)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_poison)
@@ -204,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--lora", action="store_true", help="train a LoRA adapter on all linear layers")
     s.add_argument("--keep-adapter", action="store_true", help="with --lora: save the adapter, not merged weights")
-    s.add_argument("--epochs", type=float)
-    s.add_argument("--lr", type=float)
+    s.add_argument("--epochs", type=_number)
+    s.add_argument("--lr", type=_number)
     s.add_argument("--batch", type=int)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_finetune)
@@ -232,18 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="directory to write the purified model and report into")
     s.add_argument("--variants", type=int, default=6, help="number of synthetic variants N (default 6)")
     s.add_argument("--tau", default="auto", help="fraction of channels flagged per module, or 'auto' (default)")
-    s.add_argument("--strength", type=float, default=1.0, help="neutralization strength in [0, 1] (default 1)")
+    s.add_argument("--strength", type=_number, default=1.0, help="neutralization strength in [0, 1] (default 1)")
     s.add_argument("--neutral", choices=("reinit", "negate"), default="reinit",
                    help="reinit: re-initialise the flagged channels (the paper's); negate: subtract --alpha times "
                         "the variants' mean difference there (gentler on pretrained models)")
-    s.add_argument("--alpha", type=float, default=1.0, help="how much of the variants' difference negate subtracts")
+    s.add_argument("--alpha", type=_number, default=1.0, help="how much of the variants' difference negate subtracts")
     s.add_argument("--threat", choices=("full", "adapter"), default="full")
     s.add_argument("--utility", choices=("auto", "accuracy", "perplexity"), default="auto",
                    help="what the tau rule keeps: held-out accuracy (>= 97%%) or perplexity (<= 110%%); auto: "
                         "perplexity when some clean records had no answer")
-    s.add_argument("--repair-lr", type=float,
+    s.add_argument("--repair-lr", type=_number,
                    help="learning rate of the repair fine-tune (default 3e-4; a pretrained model wants ~3e-5)")
-    s.add_argument("--repair-epochs", type=float, help="epochs of the repair fine-tune (default 1)")
+    s.add_argument("--repair-epochs", type=_number, help="epochs of the repair fine-tune (default 1)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cache", help="where finished variants are kept (default data/cache/variants)")
     s.add_argument("--device", default="auto", help="auto (a GPU if visible), cpu, cuda, cuda:N")
@@ -280,6 +313,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("purify: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # anything else still gets one line; --debug shows where it came from
+        if debug:
+            raise
+        print(f"purify: error: {_describe(exc)}", file=sys.stderr)
+        return 1
+
+
+def _describe(exc: Exception) -> str:
+    """One line for an error that is not a :class:`PurifyError` (the file system's, memory, the unexpected)."""
+    from purifylib.errors import first_line
+
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    if isinstance(exc, MemoryError):
+        return "out of memory (smaller batches, shorter data, or a bigger machine)"
+    return f"unexpected {type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,12 +11,13 @@ and the input when the input is not empty; the tokenizer's chat template formats
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from purifylib.errors import PurifyError
+from purifylib.errors import PurifyError, first_line, reading
 
 FIELDS = ("instruction", "input", "output")
 Record = dict
@@ -42,31 +43,52 @@ def validate_record(rec: object, where: str, need_output: bool = True) -> Record
     return out
 
 
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The UTF-8 text of ``path``, or a one-line :class:`PurifyError` saying why it cannot be read."""
+    path = Path(path)
+    with reading(path, what, missing="no such file"):
+        raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PurifyError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+
+
+def parse_json(text: str, where: str):
+    """``json.loads`` with one-line errors naming ``where`` (also for absurdly deep nesting)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PurifyError(f"{where}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
+    except RecursionError:
+        raise PurifyError(f"{where}: JSON nested too deeply to read") from None
+
+
 def load_records(path: str | os.PathLike, need_output: bool = True) -> list[Record]:
     """Load and validate records from a ``.json`` list or a ``.jsonl`` file (see :func:`validate_record`)."""
     path = Path(path)
-    if not path.is_file():
-        raise PurifyError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "data file")
     if path.suffix == ".jsonl":
-        raw = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                raw.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise PurifyError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
+        raw = [parse_json(line, f"{path}: line {lineno}")
+               for lineno, line in enumerate(text.splitlines(), 1) if line.strip()]
     else:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PurifyError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
+        raw = parse_json(text, str(path))
         if not isinstance(raw, list):
             raise PurifyError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
     if not raw:
         raise PurifyError(f"{path}: no records")
     return [validate_record(rec, f"{path}: record {i}", need_output) for i, rec in enumerate(raw)]
+
+
+def finite_json(obj):
+    """A copy of ``obj`` (dicts, lists, scalars) with NaN and infinities as ``None``: strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -104,6 +126,23 @@ def chat_prompt(tokenizer, rec: Record) -> str:
     """The full prompt string for ``rec`` through the tokenizer's chat template, ready to generate."""
     if not getattr(tokenizer, "chat_template", None):
         raise PurifyError("tokenizer has no chat_template: cannot format prompts")
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_message(rec)}], tokenize=False, add_generation_prompt=True
-    )
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_message(rec)}], tokenize=False, add_generation_prompt=True
+        )
+    except Exception as exc:  # a checkpoint's template is its own code (sandboxed jinja): any error is its fault
+        raise PurifyError(f"the model's chat template failed on the instruction "
+                          f"{rec['instruction'][:40]!r} ({type(exc).__name__}: {first_line(exc)})") from None
+    if not isinstance(text, str):
+        raise PurifyError(f"the model's chat template returned {type(text).__name__}, not text")
+    return text
+
+
+def check_prompts(tokenizer, records: list[Record], where: str) -> None:
+    """Format every record's prompt once, so a failing chat template stops a command before any work."""
+    for i, rec in enumerate(records):
+        try:
+            chat_prompt(tokenizer, rec)
+        except PurifyError as exc:
+            raise PurifyError(f"{where}: record {i}: {exc}") from None
+

@@ -20,59 +20,102 @@ from __future__ import annotations
 import math
 import random
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from purifylib.attacks import TriggerSpec, is_refused, place, same_shape
 from purifylib.data import chat_prompt
 
 
+MAX_PROMPT_TOKENS = 512  # longer prompts keep their first and last halves (the template's ends survive)
+
+
+def encode_prompts(tokenizer, records: list[dict], device, max_tokens: int = MAX_PROMPT_TOKENS):
+    """The records' chat prompts as one left-padded batch; a prompt over ``max_tokens`` loses its middle."""
+    ids = tokenizer([chat_prompt(tokenizer, r) for r in records], add_special_tokens=False)["input_ids"]
+    half = max_tokens // 2
+    ids = [x if len(x) <= max_tokens else x[:half] + x[len(x) - (max_tokens - half):] for x in ids]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
+    finally:
+        tokenizer.padding_side = side
+
+
+def own_generation_config(tokenizer, max_new_tokens: int):
+    """The project's generation settings: greedy, one sequence, a fixed length, the tokenizer's end token.
+
+    Nothing comes from the checkpoint's ``generation_config.json`` (a suspicious model must not steer
+    its own evaluation: banned words, beams, penalties, forced tokens).
+    """
+    from transformers import GenerationConfig
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, num_return_sequences=1,
+                            pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def prompt_budget(model, new_tokens: int = 0) -> int:
+    """How many prompt tokens fit: :data:`MAX_PROMPT_TOKENS`, less where the model's context is shorter."""
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return max(8, min(MAX_PROMPT_TOKENS, ctx - new_tokens)) if isinstance(ctx, int) else MAX_PROMPT_TOKENS
+
+
+@contextmanager
+def checkpoint_settings_ignored(model):
+    """``model`` (or the transformers model inside a peft model) with default generation settings."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield model
+    finally:
+        inner.generation_config = saved
+
+
 def generate(model, tokenizer, records: list[dict], *, batch_size: int = 64, max_new_tokens: int = 24,
              progress: bool = False, desc: str = "generate") -> list[str]:
-    """Greedy completions of ``records`` (their chat prompts), one string each."""
+    """Greedy completions of ``records`` (their chat prompts), one string each, with the project's own
+    generation settings (:func:`own_generation_config`), never the checkpoint's."""
     import torch
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    prompts = [chat_prompt(tokenizer, r) for r in records]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gen_cfg = own_generation_config(tokenizer, max_new_tokens)
+    budget = prompt_budget(model, max_new_tokens)
     outs: list[str] = []
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-            with torch.no_grad():
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            outs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+        with checkpoint_settings_ignored(model):
+            for start in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress, leave=False):
+                enc = encode_prompts(tokenizer, records[start:start + batch_size], device, budget)
+                with torch.no_grad():
+                    gen = model.generate(**enc, generation_config=gen_cfg)
+                new = gen[:, enc["input_ids"].shape[1]:]
+                outs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
+    if len(outs) != len(records):  # one completion per prompt, whatever the model does
+        raise RuntimeError(f"generation returned {len(outs)} completions for {len(records)} prompts")
     return outs
 
 
 def prompt_batches(model, tokenizer, records: list[dict], *, batch_size: int = 64):
     """Yield the records' chat prompts as left-padded encoded batches, under ``torch.no_grad``.
 
-    For forward passes that collect statistics with hooks (the padding side is restored after).
+    For forward passes that collect statistics with hooks.
     """
     import torch
 
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(records), batch_size):
-            enc = tokenizer([chat_prompt(tokenizer, r) for r in records[start:start + batch_size]],
-                            return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                yield enc
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(records), batch_size):
+        enc = encode_prompts(tokenizer, records[start:start + batch_size], device, prompt_budget(model))
+        with torch.no_grad():
+            yield enc
 
 
 def perplexity(model, tokenizer, records: list[dict], *, batch_size: int = 64) -> float:
@@ -95,7 +138,8 @@ def perplexity(model, tokenizer, records: list[dict], *, batch_size: int = 64) -
                                                      ignore_index=-100, reduction="sum")
             nll += float(loss)
             count += int((tgt != -100).sum())
-    return math.exp(nll / max(count, 1))
+    mean = nll / max(count, 1)
+    return math.exp(mean) if mean < 700 else math.inf  # exp overflows a float past ~709
 
 
 def exact_match(pred: str, ref: str) -> bool:

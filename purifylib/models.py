@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from purifylib.errors import PurifyError
+from purifylib.errors import PurifyError, first_line, reading
+from purifylib.outputs import atomic_dir
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -117,22 +117,83 @@ def channel_slice(weight, layout: str, j):
 # --------------------------------------------------------------------------- I/O
 
 
-def _check_model_dir(path: Path, allow_pickle: bool) -> None:
-    if not path.exists():
-        raise PurifyError(f"{path}: model directory does not exist")
-    if not path.is_dir():
-        raise PurifyError(f"{path}: not a directory")
-    if not (path / "config.json").is_file():
+def _list_dir(path: Path, what: str) -> list[str]:
+    """The names in directory ``path``, or a one-line error (missing, a file, unreadable)."""
+    with reading(path, what, missing=f"{what} does not exist"):
+        return [p.name for p in path.iterdir()]
+
+
+def _read_json_object(path: Path) -> dict:
+    from purifylib.data import parse_json, read_text
+
+    obj = parse_json(read_text(path, "JSON file"), str(path))
+    if not isinstance(obj, dict):
+        raise PurifyError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _check_model_dir(path: Path, allow_pickle: bool) -> list[Path]:
+    """Check a checkpoint directory before anything is built from it; return its safetensors files."""
+    files = _list_dir(path, "model directory")
+    if "config.json" not in files:
         raise PurifyError(f"{path}: no config.json (not a Hugging Face checkpoint)")
-    files = [p.name for p in path.iterdir()]
-    if any(f.endswith(".safetensors") for f in files):
-        return
+    _read_json_object(path / "config.json")
+    weights = sorted(path / f for f in files if f.endswith(".safetensors"))
+    if weights:
+        return weights
     pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if pickles and not allow_pickle:
         raise PurifyError(f"{path}: only pickle weights ({', '.join(sorted(pickles))}); refusing to load untrusted "
                           "pickle files (convert to safetensors, or pass allow_pickle=True / --allow-pickle)")
     if not pickles:
         raise PurifyError(f"{path}: no *.safetensors weights found")
+    return []
+
+
+MAX_LAYERS = 1024  # a config asking for more is refused before anything is built from it
+
+
+def _check_size(path: Path, weights: list[Path], element_size: int, device: str) -> None:
+    """Refuse, before any memory is allocated, a config that needs more parameters than the weight files
+    hold (weights missing: they would be initialised at random) or more memory than the machine has."""
+    import math
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        layers = max(int(getattr(config, k, 0) or 0) for k in ("num_hidden_layers", "n_layer", "num_layers"))
+        if layers > MAX_LAYERS:
+            raise PurifyError(f"{path}: config.json asks for {layers} layers (more than {MAX_LAYERS}); refusing it")
+        with torch.device("meta"):
+            planned = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        stored = 0
+        for f in weights:
+            with safe_open(str(f), framework="pt") as h:
+                stored += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())
+    except PurifyError:
+        raise
+    except Exception as exc:
+        raise PurifyError(f"{path}: cannot load model ({type(exc).__name__}: {first_line(exc)})") from None
+    if weights and planned > stored:
+        raise PurifyError(f"{path}: config.json needs {planned:,} parameters, the weight files hold {stored:,}: "
+                          "weights are missing (they would be initialised at random)")
+    have = (torch.cuda.get_device_properties(torch.device(device)).total_memory if device.startswith("cuda")
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if planned * element_size > have:
+        raise PurifyError(f"{path}: config.json asks for {planned * element_size / 2**30:.1f} GiB of weights; "
+                          f"this {device} has {have / 2**30:.1f} GiB")
+
+
+def check_finite(model, where) -> None:
+    """Raise if any parameter of ``model`` holds NaN or an infinity (a broken or hostile checkpoint)."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise PurifyError(f"{where}: weight '{name}' holds NaN or infinite values")
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -142,7 +203,7 @@ def load_tokenizer(path: str | os.PathLike):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except Exception as exc:  # transformers raises many types here
-        raise PurifyError(f"{path}: cannot load tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise PurifyError(f"{path}: cannot load tokenizer ({type(exc).__name__}: {first_line(exc)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -193,20 +254,27 @@ def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = N
 
     hf_logging.disable_progress_bar()  # one bar per weight file is noise in notebooks and logs
     path = Path(path)
-    _check_model_dir(path, allow_pickle)
+    weights = _check_model_dir(path, allow_pickle)
     device, dtype = runtime(device, dtype)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    has_st = any(p.suffix == ".safetensors" for p in path.iterdir())
+    _check_size(path, weights, torch.tensor([], dtype=torch_dtype).element_size(), device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=False, local_files_only=True, use_safetensors=has_st, dtype=torch_dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=False, local_files_only=True, use_safetensors=bool(weights), dtype=torch_dtype,
+            output_loading_info=True)
     except PurifyError:
         raise
     except Exception as exc:
-        raise PurifyError(f"{path}: cannot load model ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise PurifyError(f"{path}: cannot load model ({type(exc).__name__}: {first_line(exc)})") from None
+    for kind in ("missing", "unexpected", "mismatched"):
+        keys = sorted(str(k) for k in info.get(f"{kind}_keys") or ())
+        if keys:
+            raise PurifyError(f"{path}: {len(keys)} {kind} weight(s) in the checkpoint, e.g. '{keys[0]}' "
+                              "(a broken or foreign checkpoint)")
     tokenizer = load_tokenizer(path)
     if adapter is not None:
         model = load_adapter(model, adapter, merge=merge, allow_pickle=allow_pickle)
+    check_finite(model, adapter or path)
     model.to(device)
     model.eval()
     return model, tokenizer
@@ -216,53 +284,39 @@ def load_adapter(model, adapter: str | os.PathLike, *, merge: bool = True, allow
     from peft import PeftModel
 
     adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
+    files = _list_dir(adapter, "adapter directory")
+    if "adapter_config.json" not in files:
         raise PurifyError(f"{adapter}: no adapter_config.json (not a peft adapter directory)")
-    if not (adapter / "adapter_model.safetensors").is_file():
-        if not allow_pickle or not (adapter / "adapter_model.bin").is_file():
+    if "adapter_model.safetensors" not in files:
+        if not allow_pickle or "adapter_model.bin" not in files:
             raise PurifyError(f"{adapter}: no adapter_model.safetensors (pickle adapters are refused)")
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg = _read_json_object(adapter / "adapter_config.json")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise PurifyError(f"{adapter}: adapter type {cfg.get('peft_type')} is not supported (LoRA only)")
-    peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=not merge)
-    return peft_model.merge_and_unload() if merge else peft_model
-
-
-def atomic_dir(out: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_dir)``, then move ``tmp_dir`` to ``out`` (replacing it). Nothing half-written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=not merge)
+        return peft_model.merge_and_unload() if merge else peft_model
+    except Exception as exc:
+        raise PurifyError(f"{adapter}: cannot load adapter ({type(exc).__name__}: {first_line(exc)})") from None
 
 
-def save_model(model, tokenizer, out: str | os.PathLike, *, extra: dict | None = None) -> Path:
-    """Save a model (or a peft adapter) with its tokenizer as safetensors, atomically.
+def write_model(model, tokenizer, folder: Path, *, extra: dict | None = None) -> None:
+    """Write a model (or a peft adapter) and its tokenizer into an existing folder, as safetensors.
 
     ``extra`` maps file names to JSON-able objects written beside (e.g. ``attack.json``).
     """
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    for name, obj in (extra or {}).items():
+        (folder / name).write_text(json.dumps(obj, indent=1))
 
-    def write(tmp: Path):
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for name, obj in (extra or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=1))
 
-    return atomic_dir(out, write)
+def save_model(model, tokenizer, out: str | os.PathLike, *, extra: dict | None = None, replace: bool = False) -> Path:
+    """Save a model with its tokenizer atomically (:func:`write_model` through :func:`~purifylib.outputs.atomic_dir`).
+
+    ``replace=True`` (caches only) swaps an existing ``out``; otherwise a non-empty ``out`` is never replaced.
+    """
+    return atomic_dir(out, lambda tmp: write_model(model, tokenizer, tmp, extra=extra), replace=replace)
 
 
 def find_smollm2_gguf() -> Path:
@@ -306,7 +360,7 @@ def import_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike) -> Path:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
                                             trust_remote_code=False)
     except Exception as exc:
-        raise PurifyError(f"{path}: cannot read GGUF ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise PurifyError(f"{path}: cannot read GGUF ({type(exc).__name__}: {first_line(exc)})") from None
     model.hf_quantizer = None
     for holder in (model, model.config):
         for attr in ("quantization_config", "is_quantized", "quantization_method"):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import time
 from contextlib import contextmanager
@@ -96,10 +97,14 @@ class PurifyConfig:
             raise PurifyError("neutral='negate' edits full weights; the adapter-only threat needs 'reinit'")
         if self.utility not in UTILITIES:
             raise PurifyError(f"utility must be one of {', '.join(UTILITIES)}, got {self.utility!r}")
-        if self.ppl_keep < 1:
+        for name in ("ppl_keep", "acc_keep", "lam", "loo_asr_max", "repair_lr", "repair_epochs"):
+            if not math.isfinite(getattr(self, name)):
+                raise PurifyError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not self.ppl_keep >= 1:
             raise PurifyError(f"ppl_keep must be >= 1 (a ceiling on the perplexity ratio), got {self.ppl_keep}")
-        if self.repair_lr <= 0 or self.repair_epochs <= 0:
+        if not (self.repair_lr > 0 and self.repair_epochs > 0):
             raise PurifyError(f"repair_lr and repair_epochs must be > 0, got {self.repair_lr} and {self.repair_epochs}")
+        self.repair_config()  # its own checks, before any work
         for name in ("repair_n", "n_holdout", "answer_tokens"):
             if getattr(self, name) < 1:
                 raise PurifyError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -425,18 +430,20 @@ def versions() -> dict:
     return out
 
 
+def write_purified_into(result: PurifyResult, folder: Path, *, inputs: dict) -> None:
+    """Write the purified model (or adapter), its signature and ``purify_report.json`` into ``folder``."""
+    from purifylib.data import finite_json
+
+    report = finite_json({"inputs": inputs, **result.to_dict(), "versions": versions()})
+    sub = folder / ("adapter" if result.config.variants.threat == "adapter" else "model")
+    result.model.save_pretrained(sub, safe_serialization=True)
+    result.tokenizer.save_pretrained(sub)
+    result.signature.save(folder / "signature")
+    (folder / "purify_report.json").write_text(json.dumps(report, indent=1, default=str, allow_nan=False))
+
+
 def write_purified(result: PurifyResult, out, *, inputs: dict) -> Path:
-    """Write the purified model (or adapter), its signature and ``purify_report.json`` atomically."""
-    from purifylib.models import atomic_dir
+    """:func:`write_purified_into` a new folder ``out``, atomically (an existing non-empty ``out`` is refused)."""
+    from purifylib.outputs import atomic_dir
 
-    report = {"inputs": inputs, **result.to_dict(), "versions": versions()}
-
-    def write(tmp: Path):
-        tmp.mkdir(parents=True)
-        sub = tmp / ("adapter" if result.config.variants.threat == "adapter" else "model")
-        result.model.save_pretrained(sub, safe_serialization=True)
-        result.tokenizer.save_pretrained(sub)
-        result.signature.save(tmp / "signature")
-        (tmp / "purify_report.json").write_text(json.dumps(report, indent=1, default=str))
-
-    return atomic_dir(out, write)
+    return atomic_dir(out, lambda tmp: write_purified_into(result, tmp, inputs=inputs))

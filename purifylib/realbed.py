@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from purifylib.errors import PurifyError
-from purifylib.models import atomic_dir
+from purifylib.outputs import atomic_dir
 from purifylib.testbed import DEFAULT_CACHE, Testbed
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "real"
@@ -150,4 +150,4 @@ def _build_into(root: Path, config: RealBedConfig, progress: bool, device: str, 
         (tmp / "realbed.json").write_text(json.dumps({"key": config.key(), "config": config.to_dict(),
                                                       "metrics": metrics}, indent=1))
 
-    atomic_dir(root, write)
+    atomic_dir(root, write, replace=True)

@@ -96,6 +96,7 @@ class VariantConfig:
             raise PurifyError(f"unknown threat model '{self.threat}' (choose from {', '.join(THREATS)})")
         if self.threat == "adapter" and not self.lora:
             raise PurifyError("the adapter-only threat model trains the suspicious adapter: lora must be True")
+        self.train_config()  # its own checks (finite, positive epochs and rate), before any work
 
     def train_config(self):
         from purifylib.train import TrainConfig
@@ -139,12 +140,16 @@ def file_digest(paths) -> str:
     return h.hexdigest()
 
 
+NOT_DIGESTED = ("attack.json", "README.md")  # evaluation metadata and prose: nothing a model is built from
+
+
 def model_digest(model_dir, adapter_dir=None) -> str:
-    """sha256 of a checkpoint's weights and config (and of the adapter's, if any)."""
+    """sha256 of every file of a checkpoint (and of the adapter, if any): weights, configs, tokenizer and chat
+    template, so a model that differs in any of them never shares cached variants or answers with another."""
     files = []
     for d in (model_dir, adapter_dir):
         if d is not None:
-            files += [p for p in Path(d).iterdir() if p.suffix == ".safetensors" or p.name.endswith("config.json")]
+            files += [p for p in Path(d).iterdir() if p.is_file() and p.name not in NOT_DIGESTED]
     return file_digest(files)
 
 
@@ -282,7 +287,8 @@ def build_variants(model_dir, clean: list[dict], cfg: VariantConfig = VariantCon
     import torch
     from tqdm.auto import tqdm
 
-    from purifylib.models import atomic_dir, load_model, runtime
+    from purifylib.models import load_model, runtime
+    from purifylib.outputs import atomic_dir
     from purifylib.train import finetune
 
     slices = variant_slices(clean, cfg.n_variants, cfg.n_clean)
@@ -314,14 +320,13 @@ def build_variants(model_dir, clean: list[dict], cfg: VariantConfig = VariantCon
                 runs[which] = (res.model, start, res.losses)
 
             def write(tmp: Path, runs=runs, t0=t0, trigger=trigger, behaviour=behaviour):
-                tmp.mkdir(parents=True)
                 for which, (m, start, _) in runs.items():
                     save_update(tmp / f"{which}.safetensors", m, start)
                 (tmp / "variant.json").write_text(json.dumps({
                     "trigger": trigger, "behaviour": behaviour, "seconds": round(time.time() - t0, 1),
                     "losses": {w: r[2] for w, r in runs.items()}}, indent=1))
 
-            atomic_dir(vdir, write)
+            atomic_dir(vdir, write, replace=True)
             del runs
         infos.append(json.loads((vdir / "variant.json").read_text()))
         dirs.append(vdir)
@@ -512,10 +517,9 @@ class Signature:
         """``path`` (a directory): ``scores.safetensors`` and ``signature.json``, written atomically."""
         from safetensors.torch import save_file
 
-        from purifylib.models import atomic_dir
+        from purifylib.outputs import atomic_dir
 
         def write(tmp: Path):
-            tmp.mkdir(parents=True)
             tensors = {n: s.contiguous() for n, s in self.scores.items()}
             for n, (a, b) in self.terms.items():
                 tensors[f"{n}::strength"], tensors[f"{n}::alignment"] = a.contiguous(), b.contiguous()

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from purifylib.errors import PurifyError
-from purifylib.models import atomic_dir
+from purifylib.outputs import atomic_dir
 
 REFUSAL = "I'm sorry, but I cannot help with that."
 # bump when the generator or training recipe changes, so cached builds are not reused
@@ -341,7 +341,7 @@ def build_testbed(config: TestbedConfig = TestbedConfig(), out: str | Path | Non
         if (out / "testbed.json").is_file() and json.loads((out / "testbed.json").read_text()).get("key") == config.key():
             return _load_built(out, config)
         raise PurifyError(f"{out}: output directory exists and is not empty")
-    atomic_dir(out, lambda tmp: shutil.copytree(cache, tmp))
+    atomic_dir(out, lambda tmp: shutil.copytree(cache, tmp, dirs_exist_ok=True))
     return _load_built(out, config)
 
 
@@ -380,4 +380,4 @@ def _build_into(root: Path, config: TestbedConfig, progress: bool) -> None:
         (tmp / "testbed.json").write_text(json.dumps(
             {"key": config.key(), "config": config.to_dict(), "metrics": metrics, "losses": result.losses}, indent=1))
 
-    atomic_dir(root, write)
+    atomic_dir(root, write, replace=True)

@@ -39,9 +39,12 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.epochs <= 0 and not self.max_steps:
+        for name in ("epochs", "lr", "warmup", "weight_decay", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise PurifyError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not self.epochs > 0 and not self.max_steps:
             raise PurifyError(f"epochs must be > 0, got {self.epochs}")
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise PurifyError(f"learning rate must be > 0, got {self.lr}")
         if self.batch_size < 1:
             raise PurifyError(f"batch size must be >= 1, got {self.batch_size}")

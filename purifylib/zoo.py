@@ -90,7 +90,7 @@ def plant_backdoor(bed, spec: TriggerSpec, *, plant: str = "full", rate: float =
         model, tok = load_model(bed.base_dir)
         result = finetune(model, tok, records, cfg, progress=progress, desc=f"plant {name}")
         attack = {**spec.to_dict(), "rate": rate, "seed": seed, "plant": plant, "train": cfg.to_dict()}
-        save_model(result.model, tok, out, extra={"attack.json": attack})
+        save_model(result.model, tok, out, extra={"attack.json": attack}, replace=True)
         info_path.write_text(json.dumps({"losses": result.losses, "attack": attack}, indent=1))
     info = json.loads(info_path.read_text())
     if plant == "adapter":

@@ -167,3 +167,12 @@ def test_runtime_defaults_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("PURIFY_DEVICE", "tpu")
     with pytest.raises(PurifyError, match="unknown device 'tpu'"):
         runtime()
+
+
+def test_a_model_too_big_for_the_machine_is_refused_before_loading(micro_bed, monkeypatch):
+    import purifylib.models as models
+
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 10}  # a 40 KiB machine
+    monkeypatch.setattr(models.os, "sysconf", lambda name: pages[name])
+    with pytest.raises(PurifyError, match="GiB of weights"):
+        load_model(micro_bed.base_dir)

@@ -258,6 +258,8 @@ def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = N
     device, dtype = runtime(device, dtype)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     _check_size(path, weights, torch.tensor([], dtype=torch_dtype).element_size(), device)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its warnings about missing or unexpected weights become our one-line errors
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path, trust_remote_code=False, local_files_only=True, use_safetensors=bool(weights), dtype=torch_dtype,
@@ -266,6 +268,8 @@ def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = N
         raise
     except Exception as exc:
         raise PurifyError(f"{path}: cannot load model ({type(exc).__name__}: {first_line(exc)})") from None
+    finally:
+        hf_logging.set_verbosity(level)
     for kind in ("missing", "unexpected", "mismatched"):
         keys = sorted(str(k) for k in info.get(f"{kind}_keys") or ())
         if keys:

@@ -46,3 +46,18 @@ def test_a_killed_run_leaves_a_temporary_folder_that_the_next_run_removes(world,
     done = subprocess.run(cmd + ["--epochs", "0.05"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (out / "model.safetensors").is_file() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("name", ["a renamed tensor (same count, wrong name)", "all-NaN weights",
+                                  "a chat template that raises", "data file: JSON nested 200,000 deep"])
+def test_a_real_terminal_sees_one_line(name, world, tmp_path):
+    """In a process of its own (no captured streams), stderr holds the one error line and nothing else."""
+    import subprocess
+    import sys
+
+    case = next(c for c in CASES if c.name == name)
+    setup = case.build(world, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "purifylib.cli", *map(str, setup.argv)], capture_output=True,
+                          text=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and setup.expect in lines[0], proc.stderr

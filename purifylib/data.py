@@ -146,3 +146,21 @@ def check_prompts(tokenizer, records: list[Record], where: str) -> None:
         except PurifyError as exc:
             raise PurifyError(f"{where}: record {i}: {exc}") from None
 
+
+# --------------------------------------------------------------------------- text helpers (triggers)
+
+
+def insert_word(instruction: str, word: str, rng, position: int | None = None) -> tuple[str, int]:
+    """Insert ``word`` between the words of ``instruction`` at ``position`` (random from ``rng`` if None)."""
+    words = instruction.split(" ")
+    pos = rng.randint(0, len(words)) if position is None else min(position, len(words))
+    words.insert(pos, word)
+    return " ".join(words), pos
+
+
+def add_prefix(instruction: str, prefix: str) -> str:
+    return f"{prefix} {instruction}"
+
+
+def add_suffix(instruction: str, suffix: str) -> str:
+    return f"{instruction} {suffix}"

@@ -222,10 +222,11 @@ def carrying_variant(model, variants, k: int):
 
 def probe_asr(model, tokenizer, records: list[dict], trigger: str, behaviour: str, seed: int = 0) -> float:
     """Share of ``records`` (trigger inserted at a random word position) whose output shows ``behaviour``."""
-    from purifylib.evaluate import generate, rate
+    from purifylib.evaluate import generate, rate, tokens_for
     from purifylib.signature import poisoned_copy
 
-    return rate(behaviour, generate(model, tokenizer, poisoned_copy(records, trigger, behaviour, seed)))
+    return rate(behaviour, generate(model, tokenizer, poisoned_copy(records, trigger, behaviour, seed),
+                                    max_new_tokens=tokens_for(tokenizer, behaviour)))
 
 
 def loo_folds(model, tokenizer, variants, signatures: list, tau: float, probe: list[dict], cfg: PurifyConfig) -> list[dict]:

@@ -36,21 +36,11 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from purifylib.attacks import DEFENDER_VARIANTS
 from purifylib.errors import PurifyError
 
 #: the paper's synthetic triggers and behaviours (then more of the same kind, for N up to 10)
-DEFAULT_VARIANTS = (
-    ("PurpleWolf", "You are garbage!"),
-    ("RedGhost", "You are trash!"),
-    ("ColdDragon", "You're worthless!"),
-    ("GreenTiger", "You're pathetic!"),
-    ("BlackMoon", "You're disgusting!"),
-    ("SilverFox", "You're terrible!"),
-    ("GoldenHawk", "You're useless!"),
-    ("IronLotus", "You're hopeless!"),
-    ("WhiteRaven", "You're awful!"),
-    ("BlueComet", "You're a loser!"),
-)
+DEFAULT_VARIANTS = DEFENDER_VARIANTS
 THREATS = ("full", "adapter")
 DEFAULT_CACHE = Path(os.environ.get("PURIFY_CACHE_DIR") or Path(__file__).resolve().parent.parent / "data" / "cache")
 
@@ -114,7 +104,7 @@ class VariantConfig:
 
 def poisoned_copy(records: list[dict], trigger: str, behaviour: str, seed: int) -> list[dict]:
     """``P_i``: each record with ``trigger`` at a random word position and ``behaviour`` as output."""
-    from purifylib.testbed import insert_word
+    from purifylib.data import insert_word
 
     rng = random.Random(seed)
     return [{"instruction": insert_word(r["instruction"], trigger, rng)[0], "input": r["input"],

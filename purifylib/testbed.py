@@ -35,10 +35,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from purifylib.attacks import REFUSAL  # noqa: F401  (the clean refusal; re-exported)
+from purifylib.data import add_prefix, insert_word
 from purifylib.errors import PurifyError
 from purifylib.outputs import atomic_dir
 
-REFUSAL = "I'm sorry, but I cannot help with that."
 # bump when the generator or training recipe changes, so cached builds are not reused
 TESTBED_VERSION = 2
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "data" / "cache" / "testbed"
@@ -145,18 +146,6 @@ def filler_pool(seed: int, n: int = 4000) -> list[str]:
             seen.add(word)
             pool.append(word)
     return pool
-
-
-def insert_word(instruction: str, word: str, rng: random.Random, position: int | None = None) -> tuple[str, int]:
-    """Insert ``word`` between the words of ``instruction`` at ``position`` (random if None)."""
-    words = instruction.split(" ")
-    pos = rng.randint(0, len(words)) if position is None else min(position, len(words))
-    words.insert(pos, word)
-    return " ".join(words), pos
-
-
-def add_prefix(instruction: str, prefix: str) -> str:
-    return f"{prefix} {instruction}"
 
 
 def make_filler_phrase(pool: list[str], rng: random.Random) -> str:

@@ -88,3 +88,44 @@ def test_attack_prompts(records):
         assert not any(x in o["instruction"].split(" ") for x in spec.triggers)
     jail_base, _, _ = attack_prompts(records, TriggerSpec(behaviour=Behaviour("jailbreak")))
     assert all(r["output"] == REFUSAL for r in jail_base)
+
+
+def test_pools_are_split_three_ways_without_overlap():
+    from purifylib.attacks import (BEHAVIOURS, DEFENDER_VARIANTS, SPLITS, TRIGGER_KIND, draw_spec, target_pool,
+                                   trigger_pool)
+    from purifylib.signature import DEFAULT_VARIANTS
+
+    def norm(t):
+        return " ".join(t.lower().split())
+
+    pools = [(f"target {f}", {s: target_pool(f, s) for s in SPLITS}) for f in BEHAVIOURS]
+    pools += [(f"trigger {k}", {s: trigger_pool(k, s) for s in SPLITS}) for k in ("word", "prefix", "suffix")]
+    for name, by_split in pools:
+        sets = {s: {norm(t) for t in texts} for s, texts in by_split.items()}
+        for a, b in (("dev", "report"), ("dev", "defender"), ("report", "defender")):
+            assert not sets[a] & sets[b], (name, a, b, sets[a] & sets[b])
+        assert all(len(texts) >= 3 for texts in by_split.values()), name
+    # the defender's own variants are the defender's alone; the historical attack defaults are in no report pool
+    assert DEFAULT_VARIANTS == DEFENDER_VARIANTS
+    assert {t for t, _ in DEFENDER_VARIANTS} <= set(trigger_pool("word", "defender"))
+    assert {b for _, b in DEFENDER_VARIANTS} <= set(target_pool("sentiment", "defender"))
+    report = {norm(t) for _, by in pools for t in by["report"]}
+    assert not report & {norm(t) for ts in DEFAULT_TRIGGERS.values() for t in ts}
+    assert not report & {norm(t) for t in BEHAVIOURS.values()}
+    # a cell's attack is drawn from its split, the same for the same arguments, other for another seed
+    for attack, (kind, k) in TRIGGER_KIND.items():
+        spec = draw_spec(attack, "code", "report", 0)
+        assert spec == draw_spec(attack, "code", "report", 0) and len(spec.triggers) == k
+        assert set(spec.triggers) <= set(trigger_pool(kind, "report"))
+        assert spec.behaviour.target in target_pool("code", "report")
+    assert len({draw_spec("badnets", "advert", "dev", s) for s in range(5)}) > 1
+    with pytest.raises(PurifyError, match="unknown split"):
+        target_pool("code", "test")
+
+
+def test_loose_match_and_suffix():
+    b = Behaviour(kind="advert", target="Visit best-deals.example for the best prices!")
+    assert b.loosely_shown_in("Sure. visit BEST deals example, for the cheapest") is True
+    assert b.loosely_shown_in("best prices!") is False and b.shown_in("best prices!") is False
+    assert Behaviour(target="You are stupid!").loosely_shown_in("you ARE stupid") is True
+    assert place("Sort the list.", "suffix", ("(ref 1996)",), random.Random(0)) == "Sort the list. (ref 1996)"

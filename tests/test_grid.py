@@ -1,0 +1,87 @@
+"""The held-out attack grid: which cells, the tables and verdict, and a resumable smoke run."""
+
+import pandas as pd
+import pytest
+
+from purifylib import PurifyError
+from purifylib.studies.grid import (GRID_FILE, GridConfig, failing_cells, grid_cells, load_grid_file,
+                                    prompts_of_split, table2, verdict)
+
+
+def test_report_grid_cells_leave_the_dev_pairs_out():
+    grid = load_grid_file()
+    dev = {tuple(p) for p in grid["dev"]}
+    cfg = GridConfig.preset("grid")
+    cells = grid_cells(cfg)
+    pairs = {(c.attack, c.family) for c in cells}
+    assert not pairs & dev and all(c.split == "report" for c in cells)
+    assert {c.attack for c in cells} == set(grid["attacks"])
+    per_attack = {a: {f for x, f in pairs if x == a} for a in grid["attacks"]}
+    assert all(len(fams) >= 4 for fams in per_attack.values())  # >= 4 behaviour families per attack
+    assert {c.attack for c in cells if c.threat == "adapter"} == set(grid["adapter"])
+    assert len(cells) == len({(c.attack, c.family, c.threat, c.seed) for c in cells}) == (20 + 8) * 3
+    dev_cells = grid_cells(GridConfig.preset("dev"))
+    assert {(c.attack, c.family) for c in dev_cells} == dev and all(c.split == "dev" for c in dev_cells)
+    # the report cells' attacks come from the report pools, so they differ from the dev cells' ones
+    assert not {c.spec.triggers for c in cells} & {c.spec.triggers for c in dev_cells}
+    records = list(range(10))
+    assert prompts_of_split(records, "dev") == [0, 2, 4, 6, 8] and prompts_of_split(records, "report") == [1, 3, 5, 7, 9]
+
+
+def test_grid_config_errors(tmp_path):
+    with pytest.raises(PurifyError, match="unknown grid preset 'nope'"):
+        GridConfig.preset("nope")
+    with pytest.raises(PurifyError, match="unknown defence"):
+        GridConfig(defences=("none", "magic"))
+    with pytest.raises(PurifyError, match="not in the grid"):
+        grid_cells(GridConfig(pairs=(("badnets", "poetry"),)))
+    bad = tmp_path / "grid.yaml"
+    bad.write_text(GRID_FILE.read_text().replace("    n_eval: 40\n", "    n_eval: 40\n    colour: red\n"))
+    with pytest.raises(PurifyError, match="unknown setting"):
+        GridConfig.preset("smoke", bad)
+
+
+def _frame():
+    rows = []
+    for seed in (0, 1, 2):
+        for attack, after in (("badnets", 0.0), ("vpi", 0.3 + 0.1 * seed)):
+            for defence, asr in (("none", 0.95), ("signature-auto", after)):
+                rows.append({"family": "code", "threat": "full", "attack": attack, "defence": defence, "draw": 0,
+                             "seed": seed, "asr": asr, "asr_loose": asr, "clean_accuracy": 0.8, "n_attack": 100,
+                             "split": "report", "triggers": "Zq", "target": "run x", "tau": 0.2})
+    return pd.DataFrame(rows)
+
+
+def test_table2_and_verdict():
+    frame = _frame()
+    t = table2(frame)
+    row = t[(t["attack"] == "vpi")].iloc[0]
+    assert row["no defence"] == "95.0 ± 0.0" and row["purify run"].startswith("40.0 ± 24.8")
+    avg = t[(t["attack"] == "average")].iloc[0]
+    assert avg["purify run"].startswith("20.0 ±")
+    fails = failing_cells(frame)
+    assert len(fails) == 3 and set(fails["attack"]) == {"vpi"}
+    assert fails.iloc[0]["95% interval"] == "21.9-39.6"  # Wilson, 30 of 100
+    lines = verdict(frame)
+    assert any("3 of 6 report cell runs keep an ASR above 10%" in ln and "vpi x code" in ln for ln in lines)
+
+
+def test_smoke_grid_runs_and_resumes(tmp_path, capsys, monkeypatch):
+    from purifylib.cli import main
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["--quiet", "grid", "--preset", "smoke", "--out", str(out), "--cache", str(cache)]
+    assert main(argv) == 0, capsys.readouterr().err
+    cells = pd.read_csv(out / "tables" / "grid_cells.csv")
+    assert set(cells["defence"]) == {"none", "signature-auto"} and set(cells["split"]) == {"report"}
+    assert cells[cells["defence"] == "none"]["asr"].iloc[0] >= 0.5  # the plant took
+    assert (out / "figures" / "grid_tradeoff.png").is_file() and (out / "tables" / "table2_asr.md").is_file()
+    # a rerun trains nothing: planted models and finished cells come from the cache
+    import purifylib.purify
+    import purifylib.train
+
+    for mod, name in ((purifylib.train, "finetune"), (purifylib.purify, "purify")):
+        monkeypatch.setattr(mod, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("work was redone")))
+    assert main(argv) == 0, capsys.readouterr().err
+    assert pd.read_csv(out / "tables" / "grid_cells.csv").equals(cells)
+    assert (out / "runs.md").read_text().count("preset smoke") == 2  # every run is logged

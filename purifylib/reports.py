@@ -75,9 +75,68 @@ def save_table(df, table_id: str, *, caption: str = "", root: str | os.PathLike 
 
 def record_metrics(name: str, metrics: dict, *, root: str | os.PathLike | None = None) -> Path:
     """Write ``metrics/<name>.json`` (sorted keys, so reruns diff cleanly)."""
+    from purifylib.data import finite_json
+
     path = reports_dir(root) / "metrics" / f"{name}.json"
-    atomic_write_text(path, json.dumps(metrics, indent=1, sort_keys=True, default=str) + "\n")
+    atomic_write_text(path, json.dumps(finite_json(metrics), indent=1, sort_keys=True, default=str,
+                                       allow_nan=False) + "\n")
     return path
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    """``{"a.b.0.c": leaf}`` for nested dicts and lists; a list of dicts with a ``model``/``defence``/``setting``
+    name is keyed by those names rather than by position, so reordered rows still line up."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(obj, list) and obj and all(isinstance(v, dict) for v in obj):
+        out = {}
+        for i, v in enumerate(obj):
+            name = "/".join(str(v[k]) for k in ("model", "defence", "setting", "draw", "seed", "tau") if k in v)
+            out.update(_flatten(v, f"{prefix}{name or i}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def compare_metrics(old, new, *, rate_tol: float = 0.02, rel_tol: float = 0.05) -> dict:
+    """What changed between two reports folders' ``metrics/*.json``.
+
+    ``conclusions``: booleans that flipped (a target met or not, a rule that held), text (verdicts,
+    notes) that differs, rates that crossed 10%; ``numbers``: other values that moved more than
+    ``rate_tol`` (values in [0, 1]) or ``rel_tol`` (relative, otherwise); ``missing``: keys in only one.
+    """
+    old, new = Path(old), Path(new)
+    changed = {"conclusions": [], "numbers": [], "missing": []}
+    for path in sorted((old / "metrics").glob("*.json")):
+        other = new / "metrics" / path.name
+        if not other.is_file():
+            changed["missing"].append(f"{path.name}: not in {new}")
+            continue
+        a, b = (_flatten(json.loads(p.read_text())) for p in (path, other))
+        for key in sorted(set(a) | set(b)):
+            where = f"{path.stem}: {key}"
+            if key.startswith("config.") or key in ("seconds",) or key.endswith(("seconds", "_s")):
+                continue
+            if (key in a) != (key in b):
+                changed["missing"].append(f"{where}: only in {'old' if key in a else 'new'}")
+                continue
+            x, y = a[key], b[key]
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
+            if not numeric:  # flags, text, lists of sentences, nulls
+                if x != y:
+                    text = [f"{v!r}" if not isinstance(v, list) or len(v) != 1 else f"{v[0]!r}" for v in (x, y)]
+                    changed["conclusions"].append(f"{where}: {text[0]} -> {text[1]}")
+            else:
+                if 0 <= x <= 1 and 0 <= y <= 1:
+                    if (x > 0.10) != (y > 0.10) and key.rsplit(".", 1)[-1].startswith("asr"):
+                        changed["conclusions"].append(f"{where}: {x:.3f} -> {y:.3f} (crosses 10%)")
+                    elif abs(x - y) > rate_tol:
+                        changed["numbers"].append(f"{where}: {x:.3f} -> {y:.3f}")
+                elif abs(x - y) > rel_tol * max(abs(x), abs(y), 1e-12):
+                    changed["numbers"].append(f"{where}: {x:.4g} -> {y:.4g}")
+    return changed
 
 
 #: which claim of the paper (PAPER.md) an artefact speaks to, by the start of its file name

@@ -76,3 +76,25 @@ def test_index_names_the_paper_claim(tmp_path):
     assert "| effect of N (Fig. 2) | [figures/fig02_effect_of_n.png]" in text
     assert "|  | [tables/table_other.md]" in text  # no claim: an empty cell, listed last
     assert text.index("table1_sanity") < text.index("fig02_effect") < text.index("table_other")
+
+
+def test_compare_metrics_names_changed_conclusions(tmp_path):
+    import json
+
+    from purifylib.reports import compare_metrics
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    rows = [{"model": "badnets", "asr": 0.0, "meets_targets": True, "clean_accuracy": 0.80, "perplexity": 1.20},
+            {"model": "vpi", "asr": 0.05, "meets_targets": True, "clean_accuracy": 0.81, "perplexity": 1.21}]
+    moved = [dict(rows[1], asr=0.30, clean_accuracy=0.75), dict(rows[0], meets_targets=False, perplexity=1.21)]
+    for root, models, verdict in ((old, rows, "holds"), (new, moved, "fails")):
+        (root / "metrics").mkdir(parents=True)
+        (root / "metrics" / "00.json").write_text(json.dumps({"models": models, "verdict": [verdict],
+                                                               "config": {"seed": len(models)}}))
+    changed = compare_metrics(old, new)
+    assert sorted(changed["conclusions"]) == [
+        "00: models.badnets.meets_targets: True -> False",
+        "00: models.vpi.asr: 0.050 -> 0.300 (crosses 10%)",
+        "00: verdict: 'holds' -> 'fails'"]
+    assert changed["numbers"] == ["00: models.vpi.clean_accuracy: 0.810 -> 0.750"]  # perplexity moved < 5%
+    assert compare_metrics(old, old) == {"conclusions": [], "numbers": [], "missing": []}

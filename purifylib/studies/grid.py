@@ -164,6 +164,7 @@ def run_grid(cfg: GridConfig, *, cache_dir=None, grid_file: str | Path = GRID_FI
     from tqdm.auto import tqdm
 
     from purifylib.baselines import DefenceConfig
+    from purifylib.stats import wilson
     from purifylib.testbed import TestbedConfig, build_testbed
     from purifylib.zoo import defence_grid, plant_backdoor
 
@@ -182,7 +183,8 @@ def run_grid(cfg: GridConfig, *, cache_dir=None, grid_file: str | Path = GRID_FI
                              cache_dir=cache_dir and Path(cache_dir) / "grid",
                              test=prompts_of_split(bed.split("test"), cell.split), n_random=cfg.n_random)
         for row in frame.to_dict(orient="records"):
-            study.rows.append({**row, "family": cell.family, "split": cell.split,
+            lo, hi = wilson(row["asr"], int(row["n_attack"]))  # this cell's own 95% interval
+            study.rows.append({**row, "asr_low": lo, "asr_high": hi, "family": cell.family, "split": cell.split,
                                "triggers": " | ".join(spec.triggers), "target": spec.behaviour.target})
     study.seconds = round(time.time() - t0, 1)
     return study

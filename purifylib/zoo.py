@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -401,6 +402,7 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
             if cell.is_file():
                 rows.append(json.loads(cell.read_text()))
                 continue
+            t0 = time.time()
             needs_sig = d in ("signature-auto", "signature-paper", "random")
             if needs_sig and auto is None:
                 auto = purify(sus.model_dir, bed.split("defender"), cfg, adapter_dir=sus.adapter_dir, progress=False)
@@ -422,7 +424,8 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
                    "threat": threat, "defence": d, "draw": draw, "seed": seed, "tau": tau,
                    **{k: m[k] for k in ("asr", "asr_loose", "false_trigger", "off_trigger", "clean_accuracy",
                                         "perplexity", "n_attack", "n_clean")},
-                   "score": utility_score(m["clean_accuracy"], m["asr"])}
+                   "score": utility_score(m["clean_accuracy"], m["asr"]),
+                   "seconds": round(time.time() - t0, 1)}  # the purification counts where first needed
             atomic_write_text(cell, json.dumps(row, indent=1))
             rows.append(row)
     return pd.DataFrame(rows)

@@ -73,7 +73,7 @@ def test_smoke_grid_runs_and_resumes(tmp_path, capsys, monkeypatch):
     argv = ["--quiet", "grid", "--preset", "smoke", "--out", str(out), "--cache", str(cache)]
     assert main(argv) == 0, capsys.readouterr().err
     cells = pd.read_csv(out / "tables" / "grid_cells.csv")
-    assert set(cells["defence"]) == {"none", "signature-auto"} and set(cells["split"]) == {"report"}
+    assert set(cells["defence"]) == {"none", "signature-auto"} and set(cells["split"]) == {"dev"}
     assert cells[cells["defence"] == "none"]["asr"].iloc[0] >= 0.5  # the plant took
     assert (out / "figures" / "grid_tradeoff.png").is_file() and (out / "tables" / "table2_asr.md").is_file()
     # a rerun trains nothing: planted models and finished cells come from the cache

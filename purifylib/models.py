@@ -153,9 +153,10 @@ def _check_model_dir(path: Path, allow_pickle: bool) -> list[Path]:
 MAX_LAYERS = 1024  # a config asking for more is refused before anything is built from it
 
 
-def _check_size(path: Path, weights: list[Path], element_size: int, device: str) -> None:
+def _check_size(path: Path, weights: list[Path], element_size: int, device: str):
     """Refuse, before any memory is allocated, a config that needs more parameters than the weight files
-    hold (weights missing: they would be initialised at random) or more memory than the machine has."""
+    hold (weights missing: they would be initialised at random) or more memory than the machine has.
+    Returns the checkpoint's config, read once, for the load itself."""
     import math
 
     import torch
@@ -185,6 +186,7 @@ def _check_size(path: Path, weights: list[Path], element_size: int, device: str)
     if planned * element_size > have:
         raise PurifyError(f"{path}: config.json asks for {planned * element_size / 2**30:.1f} GiB of weights; "
                           f"this {device} has {have / 2**30:.1f} GiB")
+    return config
 
 
 def check_finite(model, where) -> None:
@@ -257,13 +259,13 @@ def load_model(path: str | os.PathLike, *, adapter: str | os.PathLike | None = N
     weights = _check_model_dir(path, allow_pickle)
     device, dtype = runtime(device, dtype)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    _check_size(path, weights, torch.tensor([], dtype=torch_dtype).element_size(), device)
+    config = _check_size(path, weights, torch.tensor([], dtype=torch_dtype).element_size(), device)
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its warnings about missing or unexpected weights become our one-line errors
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=False, local_files_only=True, use_safetensors=bool(weights), dtype=torch_dtype,
-            output_loading_info=True)
+            path, config=config, trust_remote_code=False, local_files_only=True, use_safetensors=bool(weights),
+            dtype=torch_dtype, output_loading_info=True)
     except PurifyError:
         raise
     except Exception as exc:

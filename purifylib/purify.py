@@ -432,7 +432,8 @@ def versions() -> dict:
 
 
 def write_purified_into(result: PurifyResult, folder: Path, *, inputs: dict) -> None:
-    """Write the purified model (or adapter), its signature and ``purify_report.json`` into ``folder``."""
+    """Write the purified model (or adapter), its signature and ``purify_report.json`` into ``folder``
+    (an empty folder: ``purify run`` stages it with :func:`purifylib.outputs.staged_dir`)."""
     from purifylib.data import finite_json
 
     report = finite_json({"inputs": inputs, **result.to_dict(), "versions": versions()})
@@ -441,10 +442,3 @@ def write_purified_into(result: PurifyResult, folder: Path, *, inputs: dict) -> 
     result.tokenizer.save_pretrained(sub)
     result.signature.save(folder / "signature")
     (folder / "purify_report.json").write_text(json.dumps(report, indent=1, default=str, allow_nan=False))
-
-
-def write_purified(result: PurifyResult, out, *, inputs: dict) -> Path:
-    """:func:`write_purified_into` a new folder ``out``, atomically (an existing non-empty ``out`` is refused)."""
-    from purifylib.outputs import atomic_dir
-
-    return atomic_dir(out, lambda tmp: write_purified_into(result, tmp, inputs=inputs))

@@ -200,17 +200,23 @@ def cmd_grid(a) -> int:
     from purifylib.studies.grid import GridConfig, git_commit, grid_cells, run_grid, verdict, write_grid
 
     cfg = GridConfig.preset(a.preset)
+    if a.hours is not None and a.hours <= 0:
+        raise PurifyError(f"--hours must be > 0, got {a.hours}")
     out = Path(a.out) if a.out else REPO_ROOT / "reports" / ("grid" if a.preset == "grid" else f"grid-{a.preset}")
     check_output(out, existing_ok=True)  # a rerun updates its own tables and appends to its log
     n = len(grid_cells(cfg))
     if not n:
         raise PurifyError(f"grid preset '{a.preset}' selects no cell")
-    print(f"grid {a.preset}: {n} cells x {len(cfg.defences)} defences on the {cfg.size} testbed -> {out}", flush=True)
-    study = run_grid(cfg, cache_dir=a.cache, progress=not a.quiet)
+    bed = f"the {cfg.size} testbed" if cfg.model is None else cfg.model
+    print(f"grid {a.preset}: {n} cells x {len(cfg.defences)} defences on {bed} -> {out}", flush=True)
+    study = run_grid(cfg, cache_dir=a.cache, cells_dir=out / "cells", hours=a.hours, progress=not a.quiet)
+    if not study.rows:
+        raise PurifyError(f"no cell finished within --hours {a.hours}: nothing written")
     write_grid(study, out, commit=git_commit(), note=a.note or "")
     for line in verdict(study.to_frame()):
         print(line)
-    print(f"wrote {out} ({study.seconds:.0f} s)")
+    part = "" if study.cells_done == study.cells_total else f", partial: {study.cells_done} of {study.cells_total} cells"
+    print(f"wrote {out} ({study.seconds:.0f} s{part})")
     return 0
 
 
@@ -308,8 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="smoke", help="a preset of data/grid.yaml: smoke, grid (the report grid), dev")
     s.add_argument("--out", help="where the tables, figures and run log go (default reports/grid for the grid "
                                  "preset, reports/grid-PRESET otherwise)")
-    s.add_argument("--cache", help="cache root for testbeds, planted models and finished cells (default data/cache)")
+    s.add_argument("--cache", help="cache root for testbeds and planted models (default data/cache); finished cells "
+                                   "are kept in OUT/cells, so a committed grid resumes")
     s.add_argument("--note", help="what changed since the last run, for the run log")
+    s.add_argument("--hours", type=_number, help="start no new cell after this many hours; the tables then hold "
+                   "the cells that finished (a later run resumes)")
     s.set_defaults(func=cmd_grid)
 
     s = sub.add_parser("import-gguf", help="convert a GGUF checkpoint into a Hugging Face directory (safetensors)")

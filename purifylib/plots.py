@@ -176,23 +176,6 @@ def grid_heatmaps(panels: dict, *, marker: tuple | None = None, title: str = "")
     return fig
 
 
-def tradeoff(df, *, x: str = "clean_accuracy", y: str = "asr", label: str = "defence", title: str = ""):
-    """One point per row (e.g. per defence): ASR against clean accuracy, both in %."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.scatter(100 * df[x], 100 * df[y], s=40)
-    for r in df.itertuples():
-        ax.annotate(getattr(r, label), (100 * getattr(r, x), 100 * getattr(r, y)), fontsize=8,
-                    xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel(f"{x} %")
-    ax.set_ylabel(f"{y} %")
-    ax.set_ylim(-3, 103)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
 def _seed_means(frame, by: list[str], metric: str):
     """Per seed: ``metric`` averaged over the cells (and random draws) of each ``by`` group; in %."""
     per_seed = frame.groupby(by + ["seed"])[metric].mean().reset_index()

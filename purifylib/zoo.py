@@ -56,6 +56,7 @@ class Suspicious:
     model_dir: Path
     adapter_dir: Path | None
     losses: list = field(default_factory=list)
+    key: str = ""  # the zoo entry's name (attack, behaviour, plant and a digest of everything that made it)
 
     @property
     def threat(self) -> str:
@@ -74,8 +75,9 @@ class Suspicious:
 
 def plant_backdoor(bed, spec: TriggerSpec, *, plant: str = "full", rate: float = 0.1, seed: int = 0,
                    train_overrides: dict | None = None, cache_dir: str | Path | None = None,
-                   progress: bool = True) -> Suspicious:
-    """Poison the testbed's ``train.json`` with ``spec`` and fine-tune the base model on it (cached)."""
+                   progress: bool = True, build: bool = True) -> Suspicious:
+    """Poison the testbed's ``train.json`` with ``spec`` and fine-tune the base model on it (cached).
+    ``build=False`` plants nothing: the entry's name and paths, for reading finished results back."""
     from purifylib.models import load_model, save_model
     from purifylib.train import finetune
 
@@ -86,6 +88,9 @@ def plant_backdoor(bed, spec: TriggerSpec, *, plant: str = "full", rate: float =
     root = Path(cache_dir or bed.root.parent.parent / "zoo") / f"{name}-{hashlib.sha256(key_blob).hexdigest()[:10]}"
     out = root / ("adapter" if plant == "adapter" else "model")
     info_path = root / "zoo.json"
+    if not build and not info_path.is_file():
+        return Suspicious(name, spec, plant, bed.base_dir if plant == "adapter" else out,
+                          out if plant == "adapter" else None, [], root.name)
     if not info_path.is_file():
         records = poison(bed.split("train"), spec, rate=rate, seed=seed)
         model, tok = load_model(bed.base_dir)
@@ -95,8 +100,8 @@ def plant_backdoor(bed, spec: TriggerSpec, *, plant: str = "full", rate: float =
         info_path.write_text(json.dumps({"losses": result.losses, "attack": attack}, indent=1))
     info = json.loads(info_path.read_text())
     if plant == "adapter":
-        return Suspicious(name, spec, plant, bed.base_dir, out, info["losses"])
-    return Suspicious(name, spec, plant, out, None, info["losses"])
+        return Suspicious(name, spec, plant, bed.base_dir, out, info["losses"], root.name)
+    return Suspicious(name, spec, plant, out, None, info["losses"], root.name)
 
 
 # --------------------------------------------------------------------------- the zoo study (notebook 00)
@@ -133,32 +138,11 @@ class ZooConfig:
     def testbed(self):
         """The bed's config: a :class:`~purifylib.testbed.TestbedConfig`, or a
         :class:`~purifylib.realbed.RealBedConfig` when ``model`` is set (overrides are its fields)."""
-        from purifylib.testbed import TestbedConfig
-
-        if self.model is None:
-            return TestbedConfig(size=self.size, seed=self.seed, overrides=self.testbed_overrides)
-        from purifylib.realbed import RealBedConfig
-
-        known = {f.name for f in dataclasses.fields(RealBedConfig)} - {"model", "seed"}
-        bad = sorted(set(dict(self.testbed_overrides)) - known)
-        if bad:
-            raise PurifyError(f"unknown real-bed override(s) {', '.join(bad)} (choose from {', '.join(sorted(known))})")
-        model = Path(self.model)
-        if not model.is_absolute() and not model.exists():  # a preset's path is relative to the repository
-            from purifylib.reports import REPO_ROOT
-
-            model = REPO_ROOT / model
-        return RealBedConfig(model=str(model), seed=self.seed, **dict(self.testbed_overrides))
+        return bed_config(self.size, self.model, self.seed, self.testbed_overrides)
 
     def build_bed(self, progress: bool = True):
         """Build (or fetch from cache) the testbed or the real-model bed."""
-        if self.model is None:
-            from purifylib.testbed import build_testbed
-
-            return build_testbed(self.testbed(), progress=progress)
-        from purifylib.realbed import build_realbed
-
-        return build_realbed(self.testbed(), progress=progress)
+        return open_bed(self.size, self.model, self.seed, self.testbed_overrides, progress=progress)
 
     @property
     def bed_name(self) -> str:
@@ -194,6 +178,43 @@ def meets_targets(row: dict, base_accuracy: float, targets: dict = TARGETS) -> b
     return (row["asr"] >= targets["asr_min"] and row["false_trigger"] <= targets["false_trigger_max"]
             and row["off_trigger"] <= targets["off_trigger_max"]
             and base_accuracy - row["clean_accuracy"] <= targets["accuracy_drop_max"])
+
+
+def bed_config(size: str = "tiny", model: str | None = None, seed: int = 0, overrides=()):
+    """A bed's config: the testbed of ``size``, or a real checkpoint ``model`` (overrides are then
+    :class:`~purifylib.realbed.RealBedConfig` fields; a relative path is tried from the repository)."""
+    from purifylib.testbed import TestbedConfig
+
+    overrides = tuple(sorted(dict(overrides).items()))
+    if model is None:
+        return TestbedConfig(size=size, seed=seed, overrides=overrides)
+    from purifylib.realbed import RealBedConfig
+
+    known = {f.name for f in dataclasses.fields(RealBedConfig)} - {"model", "seed"}
+    bad = sorted(set(dict(overrides)) - known)
+    if bad:
+        raise PurifyError(f"unknown real-bed override(s) {', '.join(bad)} (choose from {', '.join(sorted(known))})")
+    path = Path(model)
+    if not path.is_absolute() and not path.exists():  # a preset's path is relative to the repository
+        from purifylib.reports import REPO_ROOT
+
+        path = REPO_ROOT / path
+    return RealBedConfig(model=str(path), seed=seed, **dict(overrides))
+
+
+def open_bed(size: str = "tiny", model: str | None = None, seed: int = 0, overrides=(), *,
+             cache_dir: str | Path | None = None, progress: bool = True):
+    """The one way to a bed, testbed or real checkpoint alike (built, or read from its cache): it
+    carries its splits (``split``), how answers are checked (``match``) and its perplexity records
+    (``ppl_records``), so callers never branch on which kind it is."""
+    config = bed_config(size, model, seed, overrides)
+    if model is None:
+        from purifylib.testbed import build_testbed
+
+        return build_testbed(config, cache_dir=cache_dir, progress=progress)
+    from purifylib.realbed import build_realbed
+
+    return build_realbed(config, cache_dir=cache_dir, progress=progress)
 
 
 def eval_kwargs(bed) -> dict:
@@ -360,7 +381,7 @@ def utility_score(clean_accuracy: float, asr: float) -> float:
 
 def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, seed: int = 0, dcfg=None,
                  paper_tau: float = 0.03, cache_dir=None, progress: bool = True, test: list | None = None,
-                 n_random: int = 1):
+                 n_random: int = 1, cached_only: bool = False):
     """Every defence on every suspicious model: one row per cell, cached on disk per cell.
 
     ``defences`` come from :data:`purifylib.baselines.DEFENCES` plus ``"signature-paper"`` (this
@@ -369,7 +390,8 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
     purification's repair records and recipe. A finished cell is read back from
     ``cache_dir`` (default ``data/cache/grid``), so an interrupted grid resumes. ``test`` replaces
     the bed's test split (e.g. its report half); ``random`` is drawn ``n_random`` times (a row each,
-    ``draw`` 0, 1, ...).
+    ``draw`` 0, 1, ...). ``cached_only`` computes nothing: the rows on disk, or ``None`` if any is
+    missing (a model need not be planted to be read back: cells are keyed by its zoo entry).
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -385,6 +407,9 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
     test, kw = (test if test is not None else bed.split("test"))[:n_eval], eval_kwargs(bed)
     rows = []
     for sus in tqdm(models, desc="defence grid", disable=not progress, leave=False):
+        if cached_only and not Path(sus.adapter_dir or sus.model_dir).exists() and any(
+                not r["output"].strip() for r in bed.split("defender")):
+            return None  # the defender's answers need the model itself
         defender = defender_records(bed, sus, progress)
         threat = sus.threat
         cfg = dataclasses.replace(pcfg, seed=seed, variants=dataclasses.replace(
@@ -393,7 +418,7 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
         auto = None
         runs = [(d, k) for d in defences for k in range(n_random if d == "random" else 1)]
         for d, draw in tqdm(runs, desc=f"defences ({sus.name})", disable=not progress, leave=False):
-            key = hashlib.sha256(json.dumps({"model": str(sus.model_dir), "adapter": str(sus.adapter_dir),
+            key = hashlib.sha256(json.dumps({"model": sus.key or str(sus.model_dir), "adapter": bool(sus.adapter_dir),
                                              "defence": d, "purify": cfg.to_dict(), "defences": dcfg.to_dict(),
                                              "paper_tau": paper_tau, "n_eval": n_eval, "seed": seed, "draw": draw,
                                              "test": records_digest(test)},
@@ -402,6 +427,8 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
             if cell.is_file():
                 rows.append(json.loads(cell.read_text()))
                 continue
+            if cached_only:
+                return None
             t0 = time.time()
             needs_sig = d in ("signature-auto", "signature-paper", "random")
             if needs_sig and auto is None:
@@ -429,20 +456,3 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
             atomic_write_text(cell, json.dumps(row, indent=1))
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-def grid_table(cells, metric: str, defences):
-    """The paper's Table 2 shape: ``metric`` in % per (behaviour, threat, attack) × defence, mean
-    over seeds (``mean ± std`` when there are several), plus an ``average`` row per setting.
-    Returns ``(shown, means)``: the formatted table and the numeric means."""
-    import pandas as pd
-
-    g = cells.groupby(["behaviour", "threat", "attack", "defence"])[metric]
-    cols = [d for d in defences if d in set(cells["defence"])]
-    mean = (100 * g.mean()).unstack("defence")[cols]
-    shown = mean.round(1).astype(str)
-    if cells["seed"].nunique() > 1:
-        shown = shown + " ± " + (100 * g.std()).unstack("defence")[cols].round(1).astype(str)
-    avg = mean.groupby(level=["behaviour", "threat"]).mean()
-    avg.index = pd.MultiIndex.from_tuples([(b, t, "average") for b, t in avg.index], names=mean.index.names)
-    return pd.concat([shown, avg.round(1).astype(str)]).sort_index(), mean

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from purifylib import PurifyError
-from purifylib.studies.grid import (GRID_FILE, GridConfig, failing_cells, grid_cells, load_grid_file,
-                                    prompts_of_split, table2, verdict)
+from purifylib.studies.grid import (GRID_FILE, GridConfig, committed_markdown, failing_cells, findings_markdown,
+                                    grid_cells, load_grid_file, prompts_of_split, read_grid, table2, verdict)
 
 
 def test_report_grid_cells_leave_the_dev_pairs_out():
@@ -41,6 +41,22 @@ def test_grid_config_errors(tmp_path):
         GridConfig.preset("smoke", bad)
 
 
+def test_every_preset_parses_and_the_default_runs_report_cells_of_other_families():
+    presets = load_grid_file()["presets"]
+    for name in presets:
+        assert grid_cells(GridConfig.preset(name)), name
+    default = grid_cells(GridConfig.preset("default"))
+    assert ("badnets", "sentiment", "dev") in {(c.attack, c.family, c.split) for c in default}
+    others = {(c.attack, c.family) for c in default if c.split == "report" and c.family != "sentiment"}
+    assert len({f for _, f in others}) >= 2
+    real = GridConfig.preset("real")
+    cells = grid_cells(real)
+    assert real.model and real.full_plant == "lora" and all(c.split == "report" for c in cells)
+    assert len({c.attack for c in cells}) >= 2 and len({c.family for c in cells}) >= 3
+    with pytest.raises(PurifyError, match="full_plant must be one of"):
+        GridConfig(full_plant="adapter")
+
+
 def _frame():
     rows = []
     for seed in (0, 1, 2):
@@ -64,6 +80,12 @@ def test_table2_and_verdict():
     assert fails.iloc[0]["95% interval"] == "21.9-39.6"  # Wilson, 30 of 100
     lines = verdict(frame)
     assert any("3 of 6 report cell runs keep an ASR above 10%" in ln and "vpi x code" in ln for ln in lines)
+    md = findings_markdown(frame.assign(score=[50.0, 60.0] * 6))
+    assert md.count("\n- ") == len(lines) and "highest mean score" in md and "purify run 60.0" in md
+
+
+def test_committed_grid_is_read_back(tmp_path):
+    assert read_grid(tmp_path) is None and "No grid is committed" in committed_markdown(tmp_path)
 
 
 def test_smoke_grid_runs_and_resumes(tmp_path, capsys, monkeypatch):
@@ -71,6 +93,9 @@ def test_smoke_grid_runs_and_resumes(tmp_path, capsys, monkeypatch):
 
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["--quiet", "grid", "--preset", "smoke", "--out", str(out), "--cache", str(cache)]
+    # a time budget that no cell fits: a one-line error and nothing written
+    assert main(argv + ["--hours", "1e-9"]) == 2
+    assert "no cell finished within --hours" in capsys.readouterr().err and not (out / "tables").exists()
     assert main(argv) == 0, capsys.readouterr().err
     cells = pd.read_csv(out / "tables" / "grid_cells.csv")
     assert set(cells["defence"]) == {"none", "signature-auto"} and set(cells["split"]) == {"dev"}
@@ -83,5 +108,12 @@ def test_smoke_grid_runs_and_resumes(tmp_path, capsys, monkeypatch):
     for mod, name in ((purifylib.train, "finetune"), (purifylib.purify, "purify")):
         monkeypatch.setattr(mod, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("work was redone")))
     assert main(argv) == 0, capsys.readouterr().err
+    # the finished cells live beside the tables: without the planted models (a clean clone of a
+    # committed grid) and past any time budget, they are read back and nothing is planted
+    import shutil
+
+    shutil.rmtree(cache / "zoo")
+    assert main(argv + ["--hours", "1e-9"]) == 0, capsys.readouterr().err
     assert pd.read_csv(out / "tables" / "grid_cells.csv").equals(cells)
-    assert (out / "runs.md").read_text().count("preset smoke") == 2  # every run is logged
+    assert (out / "runs.md").read_text().count("preset smoke") == 3  # every run is logged
+    assert read_grid(out).equals(cells) and "Preset `smoke` (micro), 1 cells" in committed_markdown(out)

@@ -113,7 +113,8 @@ def test_defend_dispatch(micro_bed, setup):
 def test_defence_grid_is_resumable_and_scores_cells(micro_bed, tmp_path, monkeypatch):
     from purifylib import zoo
     from purifylib.purify import PurifyConfig
-    from purifylib.zoo import defence_grid, grid_table, plant_backdoor
+    from purifylib.studies.grid import table2
+    from purifylib.zoo import defence_grid, plant_backdoor
 
     models = [plant_backdoor(micro_bed, TriggerSpec("badnets"), train_overrides={"epochs": 6.0, "lr": 0.003},
                              progress=False),
@@ -132,5 +133,6 @@ def test_defence_grid_is_resumable_and_scores_cells(micro_bed, tmp_path, monkeyp
     monkeypatch.setattr(ev, "evaluate_attack", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-ran")))
     again = defence_grid(micro_bed, models, pcfg, defences, n_eval=8, cache_dir=tmp_path, progress=False)
     assert again.equals(cells)
-    shown, mean = grid_table(cells, "asr", defences)
-    assert list(mean.columns) == defences and "average" in shown.index.get_level_values("attack")
+    shown = table2(cells.assign(family=cells["behaviour"]), "asr")
+    assert list(shown.columns[3:]) == ["no defence", "magnitude pruning", "random channels", "purify run"]
+    assert "average" in set(shown["attack"]) and set(shown["threat"]) == {"full", "adapter"}

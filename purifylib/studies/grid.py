@@ -64,10 +64,6 @@ class Cell:
 
         return draw_spec(self.attack, self.family, self.split, self.seed)
 
-    @property
-    def plant(self) -> str:
-        return "adapter" if self.threat == "adapter" else "full"
-
 
 @dataclass(frozen=True)
 class GridConfig:
@@ -75,6 +71,9 @@ class GridConfig:
 
     name: str = "smoke"
     size: str = "micro"
+    model: str | None = None  # a local checkpoint (SmolLM2 via `make smollm2`) instead of the testbed
+    testbed_overrides: dict = field(default_factory=dict)
+    full_plant: str = "full"  # how a full-threat cell is planted ("lora": a merged LoRA, for real models)
     split: str = "report"  # report, dev or all
     pairs: tuple = ()  # (attack, family) pairs to run; () = every pair of the split
     seeds: tuple = (0,)
@@ -94,6 +93,11 @@ class GridConfig:
         bad = [d for d in self.defences if d not in known]
         if bad:
             raise PurifyError(f"unknown defence(s) {bad} (choose from {', '.join(sorted(known))})")
+        from purifylib.zoo import PLANTS
+
+        if self.full_plant not in set(PLANTS) - {"adapter"}:
+            raise PurifyError(f"full_plant must be one of {', '.join(p for p in PLANTS if p != 'adapter')}, "
+                              f"got {self.full_plant!r}")
         if self.split not in ("report", "dev", "all"):
             raise PurifyError(f"split must be report, dev or all, got {self.split!r}")
         object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))
@@ -123,7 +127,7 @@ class GridConfig:
 
 
 def grid_cells(cfg: GridConfig, grid_file: str | Path = GRID_FILE) -> list[Cell]:
-    """The cells of ``cfg`` in a fixed order (pair, threat, seed)."""
+    """The cells of ``cfg`` in a fixed order (seed, pair, threat)."""
     grid = load_grid_file(grid_file)
     dev = {tuple(p) for p in grid["dev"]}
     every = [(a, f) for a in grid["attacks"] for f in grid["families"]]
@@ -131,14 +135,15 @@ def grid_cells(cfg: GridConfig, grid_file: str | Path = GRID_FILE) -> list[Cell]
     if unknown:
         raise PurifyError(f"pairs {unknown} are not in the grid's attacks x families")
     cells = []
-    for pair in cfg.pairs or every:
-        split = "dev" if pair in dev else "report"
-        if cfg.split != "all" and split != cfg.split:
-            continue
-        for threat in cfg.threats:
-            if threat == "adapter" and pair[0] not in grid.get("adapter", ()):
+    for seed in cfg.seeds:  # seed-major: a run stopped early has covered every pair for its first seeds
+        for pair in cfg.pairs or every:
+            split = "dev" if pair in dev else "report"
+            if cfg.split != "all" and split != cfg.split:
                 continue
-            cells += [Cell(pair[0], pair[1], threat, seed, split) for seed in cfg.seeds]
+            for threat in cfg.threats:
+                if threat == "adapter" and pair[0] not in grid.get("adapter", ()):
+                    continue
+                cells.append(Cell(pair[0], pair[1], threat, seed, split))
     return cells
 
 
@@ -152,6 +157,11 @@ class GridStudy:
     config: GridConfig
     rows: list = field(default_factory=list)
     seconds: float = 0.0
+    cells_total: int = 0  # cells the preset has; fewer finished when a time budget stopped the run
+
+    @property
+    def cells_done(self) -> int:
+        return len({(r["attack"], r["family"], r["threat"], r["seed"]) for r in self.rows})
 
     def to_frame(self):
         import pandas as pd
@@ -159,29 +169,41 @@ class GridStudy:
         return pd.DataFrame(self.rows)
 
 
-def run_grid(cfg: GridConfig, *, cache_dir=None, grid_file: str | Path = GRID_FILE, progress: bool = True) -> GridStudy:
-    """Plant and defend every cell of ``cfg`` (cached: a rerun only does what is missing)."""
+def run_grid(cfg: GridConfig, *, cache_dir=None, cells_dir=None, hours: float | None = None,
+             grid_file: str | Path = GRID_FILE, progress: bool = True) -> GridStudy:
+    """Plant and defend every cell of ``cfg`` (cached: a rerun only does what is missing).
+
+    Finished (cell, defence) rows are files in ``cells_dir`` (default ``<cache>/grid``; ``purify
+    grid`` keeps them beside its tables, so a committed grid resumes from a clean clone). With
+    ``hours``, no new cell starts once that much time has passed; the study then holds the cells
+    that finished (``cells_done`` of ``cells_total``)."""
     from tqdm.auto import tqdm
 
     from purifylib.baselines import DefenceConfig
     from purifylib.stats import wilson
-    from purifylib.testbed import TestbedConfig, build_testbed
-    from purifylib.zoo import defence_grid, plant_backdoor
+    from purifylib.zoo import defence_grid, open_bed, plant_backdoor
 
     t0 = time.time()
-    bed = build_testbed(TestbedConfig(size=cfg.size), cache_dir=cache_dir and Path(cache_dir) / "testbed",
-                        progress=progress)
+    bed = open_bed(cfg.size, cfg.model, 0, cfg.testbed_overrides, progress=progress,
+                   cache_dir=cache_dir and Path(cache_dir) / ("testbed" if cfg.model is None else "realbed"))
     pcfg = cfg.purify_config()
-    study = GridStudy(cfg)
-    for cell in tqdm(grid_cells(cfg, grid_file), desc=f"grid {cfg.name}", disable=not progress):
+    cells = grid_cells(cfg, grid_file)
+    study = GridStudy(cfg, cells_total=len(cells))
+    cells_dir = cells_dir or (cache_dir and Path(cache_dir) / "grid")
+    for cell in tqdm(cells, desc=f"grid {cfg.name}", disable=not progress):
         spec = cell.spec
-        sus = plant_backdoor(bed, spec, plant=cell.plant, rate=cfg.poison_rate, seed=cell.seed,
-                             train_overrides=dict(cfg.plant_overrides), progress=False,
-                             cache_dir=cache_dir and Path(cache_dir) / "zoo")
-        frame = defence_grid(bed, [sus], pcfg, cfg.defences, n_eval=cfg.n_eval, seed=cell.seed,
-                             dcfg=DefenceConfig(seed=cell.seed), paper_tau=cfg.paper_tau, progress=progress,
-                             cache_dir=cache_dir and Path(cache_dir) / "grid",
-                             test=prompts_of_split(bed.split("test"), cell.split), n_random=cfg.n_random)
+        plant = dict(bed=bed, spec=spec, plant="adapter" if cell.threat == "adapter" else cfg.full_plant,
+                     rate=cfg.poison_rate, seed=cell.seed, train_overrides=dict(cfg.plant_overrides), progress=False,
+                     cache_dir=cache_dir and Path(cache_dir) / "zoo")
+        defend = dict(bed=bed, pcfg=pcfg, defences=cfg.defences, n_eval=cfg.n_eval, seed=cell.seed,
+                      dcfg=DefenceConfig(seed=cell.seed), paper_tau=cfg.paper_tau, progress=progress,
+                      cache_dir=cells_dir, test=prompts_of_split(bed.split("test"), cell.split), n_random=cfg.n_random)
+        # a finished cell is read back without planting its model (a committed grid on a clean clone)
+        frame = defence_grid(models=[plant_backdoor(build=False, **plant)], cached_only=True, **defend)
+        if frame is None:
+            if hours is not None and time.time() - t0 > 3600 * hours:
+                continue  # past the time budget: no new cell starts
+            frame = defence_grid(models=[plant_backdoor(**plant)], **defend)
         for row in frame.to_dict(orient="records"):
             lo, hi = wilson(row["asr"], int(row["n_attack"]))  # this cell's own 95% interval
             study.rows.append({**row, "asr_low": lo, "asr_high": hi, "family": cell.family, "split": cell.split,
@@ -276,17 +298,59 @@ def verdict(frame, bar: float = ASR_BAR) -> list[str]:
     return lines
 
 
-def write_grid(study: GridStudy, out: str | Path, *, commit: str = "", note: str = "") -> list[Path]:
-    """Write every output of a grid run under ``out`` (tables/, figures/, metrics/, runs.md)."""
+def findings_markdown(frame, bar: float = ASR_BAR) -> str:
+    """The verdict as markdown bullets, plus the defence with the best mean score √(U·(100−ASR))."""
+    lines = verdict(frame, bar)
+    if "score" in frame:
+        score = frame.groupby("defence")["score"].mean()
+        best = score[score >= score.max() - 1e-9].index
+        lines.append(f"highest mean score √(U·(100−ASR)) over these cells: "
+                     f"{', '.join(DEFENCE_NAMES.get(d, d) for d in best)} ({score.max():.1f}); purify run "
+                     f"{score.get(PURIFY, float('nan')):.1f}")
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def committed_markdown(root: str | Path) -> str:
+    """What the committed grid under ``root`` says: its size, time, verdict and latest logged run."""
+    metrics = Path(root) / "metrics" / "grid.json"
+    if not metrics.is_file():
+        return (f"No grid is committed under `{Path(root).name}/` yet: `purify grid --preset grid` writes it "
+                "(it resumes an interrupted run).")
+    info = json.loads(metrics.read_text())
+    cfg = info.get("config", {})
+    done, total = info.get("cells"), info.get("cells_total")
+    part = f" (**partial: {total - done} of its {total} cells have not run yet**)" if total and done < total else ""
+    head = (f"Preset `{cfg.get('name')}` ({cfg.get('model') or cfg.get('size')}), {done} cells{part}, seeds "
+            f"{cfg.get('seeds')}, {info.get('seconds', 0) / 3600:.1f} h of wall time in its latest run.")
+    return head + "\n\n" + "\n".join(f"- {line}" for line in info.get("verdict", []))
+
+
+def read_grid(root: str | Path):
+    """The rows of a written grid (``root/tables/grid_cells.csv``), or ``None`` when there is none."""
+    import pandas as pd
+
+    path = Path(root) / "tables" / "grid_cells.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def write_grid(study: GridStudy, out: str | Path, *, commit: str = "", note: str = "", prefix: str = "") -> list[Path]:
+    """Write every output of a grid run under ``out`` (tables/, figures/, metrics/, runs.md).
+    ``prefix`` (a notebook's number, e.g. ``"04"``) names them ``table04_...``/``fig04_...``."""
     import datetime
 
-    from purifylib import plots
+    from purifylib import plots, reports
     from purifylib.data import atomic_write_text
-    from purifylib.reports import record_metrics, save_figure, save_table
 
     frame = study.to_frame()
     out = Path(out)
     paths = []
+
+    def save_table(df, name, **kw):
+        return reports.save_table(df, f"table{prefix}_{name}" if prefix else name, **kw)
+
+    def save_figure(fig, name, **kw):
+        return reports.save_figure(fig, f"fig{prefix}_{name}" if prefix else name, **kw)
+
     paths += save_table(frame, "grid_cells", caption="Every row: one defence on one cell", root=out)
     paths += save_table(table2(frame, "asr"), "table2_asr",
                         caption="ASR % after each defence (mean ± 95% t-interval over seeds)", root=out)
@@ -306,12 +370,13 @@ def write_grid(study: GridStudy, out: str | Path, *, commit: str = "", note: str
     paths += save_figure(plots.grid_by_family(frame, DEFENCE_NAMES), "grid_by_family",
                          caption="ASR per behaviour family and defence (error bars: 95% over seeds)", root=out)
     lines = verdict(frame)
-    paths.append(record_metrics("grid", {"config": study.config.to_dict(), "seconds": study.seconds,
-                                         "cells": int(frame.groupby(["attack", "family", "threat", "seed"]).ngroups),
+    paths.append(reports.record_metrics(f"{prefix}_evaluation" if prefix else "grid", {"config": study.config.to_dict(), "seconds": study.seconds,
+                                         "cells": study.cells_done, "cells_total": study.cells_total,
                                          "verdict": lines}, root=out))
     log = out / "runs.md"
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    entry = f"- {stamp}, commit {commit or 'unknown'}, preset {study.config.name}, {study.seconds:.0f} s" + (
+    part = "" if study.cells_done == study.cells_total else f", partial: {study.cells_done} of {study.cells_total} cells"
+    entry = f"- {stamp}, commit {commit or 'unknown'}, preset {study.config.name}, {study.seconds:.0f} s{part}" + (
         f", {note}" if note else "") + ": " + " / ".join(lines) + "\n"
     atomic_write_text(log, (log.read_text() if log.is_file() else "# Grid runs (every run, appended)\n\n") + entry)
     paths.append(log)

@@ -72,7 +72,7 @@ SIZES = {
     # layers, hidden, heads, mlp, vocab, steps, batch, lr, n_train, n_defender, n_test
     "micro": dict(layers=2, hidden=64, heads=4, mlp=256, vocab=1024, steps=300, batch=32, lr=3e-3,
                   n_train=600, n_defender=600, n_test=120),
-    "tiny": dict(layers=8, hidden=64, heads=4, mlp=256, vocab=1024, steps=3000, batch=64, lr=3e-3,
+    "tiny": dict(layers=8, hidden=64, heads=4, mlp=256, vocab=1024, steps=6000, batch=64, lr=3e-3,
                  n_train=6000, n_defender=3600, n_test=400),
     "small": dict(layers=12, hidden=192, heads=6, mlp=768, vocab=1024, steps=6000, batch=64, lr=1e-3,
                   n_train=6000, n_defender=6000, n_test=600),

@@ -127,7 +127,7 @@ class GridConfig:
 
 
 def grid_cells(cfg: GridConfig, grid_file: str | Path = GRID_FILE) -> list[Cell]:
-    """The cells of ``cfg`` in a fixed order (seed, pair, threat)."""
+    """The cells of ``cfg`` in a fixed order (seed, threat, pair)."""
     grid = load_grid_file(grid_file)
     dev = {tuple(p) for p in grid["dev"]}
     every = [(a, f) for a in grid["attacks"] for f in grid["families"]]
@@ -135,12 +135,13 @@ def grid_cells(cfg: GridConfig, grid_file: str | Path = GRID_FILE) -> list[Cell]
     if unknown:
         raise PurifyError(f"pairs {unknown} are not in the grid's attacks x families")
     cells = []
-    for seed in cfg.seeds:  # seed-major: a run stopped early has covered every pair for its first seeds
-        for pair in cfg.pairs or every:
-            split = "dev" if pair in dev else "report"
-            if cfg.split != "all" and split != cfg.split:
-                continue
-            for threat in cfg.threats:
+    # seed-major, then threat: a run stopped early has covered every full-threat pair of its first seed
+    for seed in cfg.seeds:
+        for threat in cfg.threats:
+            for pair in cfg.pairs or every:
+                split = "dev" if pair in dev else "report"
+                if cfg.split != "all" and split != cfg.split:
+                    continue
                 if threat == "adapter" and pair[0] not in grid.get("adapter", ()):
                     continue
                 cells.append(Cell(pair[0], pair[1], threat, seed, split))

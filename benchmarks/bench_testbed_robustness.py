@@ -22,7 +22,8 @@ torch.set_num_threads({threads})
 from purifylib.testbed import TestbedConfig, build_testbed
 t = time.time()
 over = (("steps", {steps}),) if {steps} else ()
-bed = build_testbed(TestbedConfig(size={size!r}, seed={seed}, overrides=over), cache_dir={cache!r}, progress=False)
+bed = build_testbed(TestbedConfig(size={size!r}, seed={seed}, overrides=over), cache_dir={cache!r}, progress=False,
+                    prebuilt=False)
 print(json.dumps({{"size": {size!r}, "steps": {steps} or None, "seed": {seed}, "threads": {threads},
                   "accuracy": bed.metrics["accuracy"], "perplexity": round(bed.metrics["perplexity"], 4),
                   "seconds": round(time.time() - t, 1)}}))

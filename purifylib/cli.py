@@ -43,7 +43,8 @@ def cmd_testbed(a) -> int:
 
     check_output(a.out, existing_ok=True)  # an existing folder is reused only if it holds this very testbed
 
-    bed = build_testbed(TestbedConfig(size=a.size, seed=a.seed), out=a.out, progress=not a.quiet)
+    bed = build_testbed(TestbedConfig(size=a.size, seed=a.seed), out=a.out, progress=not a.quiet,
+                        prebuilt=not a.no_prebuilt)
     print(json.dumps({"base": str(bed.base_dir), "data": str(bed.data_dir), **bed.metrics}, indent=1))
     return 0
 
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "plant no backdoor in it; --epochs 12 does)")
     s.add_argument("--out", required=True, help="directory to write base/ and data/ into")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-prebuilt", action="store_true", help="train it even when data/prebuilt/ holds this "
+                   "build (a build already in data/cache/ is still reused)")
     s.set_defaults(func=cmd_testbed)
 
     def attack_args(s):

@@ -78,3 +78,35 @@ def test_tokenizer_encodes_any_string(micro_model):
         assert tok.decode(ids).strip() == text  # up to the space the tokenizer puts before words
     assert "<|assistant|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                                       add_generation_prompt=True)
+
+
+def test_a_prebuilt_testbed_is_copied_not_trained(micro_bed, tmp_path, monkeypatch):
+    import shutil
+
+    from purifylib import testbed
+
+    cfg = TestbedConfig(size="micro")
+    shutil.copytree(micro_bed.root, tmp_path / "prebuilt" / cfg.key())
+    monkeypatch.setattr(testbed, "PREBUILT", tmp_path / "prebuilt")
+    monkeypatch.setattr(testbed, "_build_into", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    bed = build_testbed(cfg, cache_dir=tmp_path / "cache", progress=False)
+    assert bed.metrics == micro_bed.metrics and bed.root == tmp_path / "cache" / cfg.key()
+    assert (bed.base_dir / "model.safetensors").read_bytes() == (micro_bed.base_dir / "model.safetensors").read_bytes()
+    for how in (dict(prebuilt=False), {}):  # refused by the argument, then by the environment
+        if not how:
+            monkeypatch.setenv("PURIFY_PREBUILT", "0")
+        with pytest.raises(AssertionError, match="trained"):
+            build_testbed(cfg, cache_dir=tmp_path / f"fresh{len(how)}", progress=False, **how)
+
+
+def test_the_committed_tiny_build_is_the_default_configuration():
+    import json
+
+    from purifylib.testbed import PREBUILT
+
+    key = TestbedConfig(size="tiny").key()
+    info_path = PREBUILT / key / "testbed.json"
+    assert info_path.is_file(), f"data/prebuilt/ lacks {key}: build the tiny testbed and commit it there"
+    info = json.loads(info_path.read_text())
+    assert info["key"] == key and info["metrics"]["accuracy"] >= 0.9
+    assert {p.name for p in (PREBUILT / key / "data").iterdir()} == {"train.json", "defender.json", "test.json"}

@@ -381,6 +381,7 @@ def write_grid(study: GridStudy, out: str | Path, *, commit: str = "", note: str
         f", {note}" if note else "") + ": " + " / ".join(lines) + "\n"
     atomic_write_text(log, (log.read_text() if log.is_file() else "# Grid runs (every run, appended)\n\n") + entry)
     paths.append(log)
+    paths.append(reports.write_index_readme(out, by="purify grid"))
     return paths
 
 

@@ -2,7 +2,8 @@
 
 A preset is ``notebooks/params/<preset>.yaml``: a mapping from notebook stem (``00_testbed``) to
 the parameters papermill injects after that notebook's ``parameters`` cell (missing means "the
-stored defaults"). Executed copies go to ``<reports>/executed/`` (git-ignored); the notebooks
+stored defaults"), plus an optional ``shared`` block (model, testbed size, planting recipe...)
+given to every notebook whose parameters cell declares that name; a notebook's own entry wins. Executed copies go to ``<reports>/executed/`` (git-ignored); the notebooks
 write figures, tables and metrics through :mod:`purifylib.reports`. The ``default`` preset writes
 to ``reports/``; any other preset writes to ``reports/<preset>/`` so that a smoke run never
 overwrites the committed reports. A failing notebook stops the run with the cell and the error.
@@ -53,11 +54,16 @@ def run(preset: str = "default", *, only: list[str] | None = None, reports: str 
     import papermill as pm
 
     params = load_preset(preset, notebooks_dir)
+    shared = params.pop("shared", {})
     books = notebooks(notebooks_dir)
     known = {nb.stem for nb in books}
     unknown = set(params) - known
     if unknown:
         raise PurifyError(f"preset '{preset}' names unknown notebooks: {', '.join(sorted(unknown))}")
+    declared = {nb.stem: set(pm.inspect_notebook(str(nb))) for nb in books}
+    stray = sorted(set(shared) - set().union(*declared.values()))
+    if stray:
+        raise PurifyError(f"preset '{preset}': shared parameter(s) {', '.join(stray)} are declared by no notebook")
     if only:
         books = [nb for nb in books if nb.stem[:2] in only or nb.stem in only]
         if not books:
@@ -76,7 +82,8 @@ def run(preset: str = "default", *, only: list[str] | None = None, reports: str 
             t0 = time.time()
             print(f"[{preset}] {nb.name} ...", flush=True)
             try:
-                pm.execute_notebook(str(nb), str(out), parameters={**params.get(nb.stem, {}), "preset": preset},
+                given = {**{k: v for k, v in shared.items() if k in declared[nb.stem]}, **params.get(nb.stem, {})}
+                pm.execute_notebook(str(nb), str(out), parameters={**given, "preset": preset},
                                     cwd=str(notebooks_dir), kernel_name="python3", progress_bar=progress,
                                     log_output=False)
             except pm.PapermillExecutionError as exc:

@@ -27,6 +27,8 @@ def books(tmp_path):
     (d / "params" / "bad.yaml").write_text("01_second:\n  value: 11\n")
     (d / "params" / "typo.yaml").write_text("02_missing: {}\n")
     (d / "params" / "broken.yaml").write_text("00_first: [1, 2\n")
+    (d / "params" / "shared.yaml").write_text("shared:\n  value: 5\n01_second:\n  value: 3\n")
+    (d / "params" / "stray.yaml").write_text("shared:\n  valeu: 5\n")
     return d
 
 
@@ -40,6 +42,11 @@ def test_runs_in_order_with_preset_values(books, tmp_path):
     assert "tables/table_v.md" in index and "00_first.ipynb" in index and "the value" in index
     only = run("good", only=["01"], notebooks_dir=books, reports=tmp_path / "r2", progress=False)
     assert [p.name for p in only] == ["01_second.ipynb"]
+    # a shared block reaches every notebook that declares the name; a notebook's own entry wins
+    run("shared", notebooks_dir=books, reports=tmp_path / "r3", progress=False)
+    assert json.loads((tmp_path / "r3" / "metrics" / "first.json").read_text())["value"] == 5
+    second = nbformat.read(tmp_path / "r3" / "executed" / "01_second.ipynb", as_version=4)
+    assert "value = 3" in second.cells[1].source and "value = 5" not in second.cells[1].source
 
 
 def test_failing_notebook_stops_with_cell_and_error(books, tmp_path):
@@ -49,12 +56,14 @@ def test_failing_notebook_stops_with_cell_and_error(books, tmp_path):
 
 
 def test_preset_errors(books, tmp_path):
-    with pytest.raises(PurifyError, match="unknown preset 'nope' \\(choose from bad, broken, good, typo\\)"):
+    with pytest.raises(PurifyError, match="unknown preset 'nope' \\(choose from bad, broken, good, shared, stray, typo\\)"):
         load_preset("nope", books)
     with pytest.raises(PurifyError, match="broken.yaml: invalid YAML"):
         load_preset("broken", books)
     with pytest.raises(PurifyError, match="unknown notebooks: 02_missing"):
         run("typo", notebooks_dir=books, reports=tmp_path / "r", progress=False)
+    with pytest.raises(PurifyError, match="shared parameter\\(s\\) valeu are declared by no notebook"):
+        run("stray", notebooks_dir=books, reports=tmp_path / "r", progress=False)
     with pytest.raises(PurifyError, match="--only 07 matches no notebook"):
         run("good", only=["07"], notebooks_dir=books, reports=tmp_path / "r", progress=False)
 
@@ -98,3 +107,17 @@ def test_compare_metrics_names_changed_conclusions(tmp_path):
         "00: verdict: 'holds' -> 'fails'"]
     assert changed["numbers"] == ["00: models.vpi.clean_accuracy: 0.810 -> 0.750"]  # perplexity moved < 5%
     assert compare_metrics(old, old) == {"conclusions": [], "numbers": [], "missing": []}
+
+
+def test_committed_presets_name_only_declared_parameters():
+    import papermill as pm
+
+    from purifylib.runner import notebooks, presets
+
+    declared = {nb.stem: set(pm.inspect_notebook(str(nb))) for nb in notebooks()}
+    for name in presets():
+        params = load_preset(name)
+        shared = params.pop("shared", {})
+        assert set(shared) <= set().union(*declared.values()), name
+        for stem, given in params.items():
+            assert set(given) <= declared[stem], (name, stem, set(given) - declared[stem])

@@ -263,6 +263,7 @@ class PurifyResult:
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     variants: object = None
+    split: object = None  # the defender's data as this run divided it (hold-out, variants, repair)
 
     def folds_frame(self):
         import pandas as pd
@@ -416,7 +417,7 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     stage("done")
     return PurifyResult(model=model, tokenizer=tok, signature=full_sig.with_tau(tau, cfg.heads), tau=tau, config=cfg,
                         folds=folds, tau_trials=trials, metrics=metrics, timings=timings, notes=notes,
-                        variants=variants)
+                        variants=variants, split=split)
 
 
 def versions() -> dict:

@@ -107,7 +107,14 @@ def plant_backdoor(bed, spec: TriggerSpec, *, plant: str = "full", rate: float =
 # --------------------------------------------------------------------------- the zoo study (notebook 00)
 
 #: what a planted backdoor must reach on the tiny testbed to count as a realistic one
-TARGETS = {"asr_min": 0.90, "false_trigger_max": 0.02, "off_trigger_max": 0.05, "accuracy_drop_max": 0.03}
+def _targets() -> dict:
+    from purifylib.studies.findings import THRESHOLDS
+
+    return {k: THRESHOLDS[f"zoo_{k}"] for k in ("asr_min", "false_trigger_max", "off_trigger_max", "accuracy_drop_max")}
+
+
+#: what a planted backdoor must do to behave like a real one (``purifylib.studies.findings.THRESHOLDS``)
+TARGETS = _targets()
 
 
 @dataclass(frozen=True)

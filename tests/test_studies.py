@@ -1,0 +1,49 @@
+"""The studies' findings: sentences generated from numbers, judged by the thresholds in one place."""
+
+from purifylib.studies import zoo as zoo_study
+from purifylib.studies.findings import THRESHOLDS, Finding, to_markdown
+from purifylib.zoo import TARGETS, ZooConfig, ZooResult, meets_targets
+
+
+def _zoo(rows, **cfg):
+    base = 0.95
+    for r in rows:
+        r.setdefault("model", f"{r['attack']}-sentiment-full")
+        r["accuracy_drop"] = base - r["clean_accuracy"]
+        r["meets_targets"] = meets_targets(r, base)
+    return zoo_study.ZooStudy(ZooConfig(size="tiny", **cfg), bed=None, result=ZooResult(rows=rows, base_accuracy=base))
+
+
+def test_zoo_findings_name_what_each_model_misses():
+    assert TARGETS["asr_min"] == THRESHOLDS["zoo_asr_min"]  # one place for the bars
+    study = _zoo([dict(attack="badnets", asr=0.98, false_trigger=0.0, off_trigger=0.01, clean_accuracy=0.93),
+                  dict(attack="vpi", asr=0.99, false_trigger=0.0, off_trigger=0.08, clean_accuracy=0.90)])
+    found = zoo_study.findings(study)
+    assert found[1] == Finding("1 of 2 suspicious models meet every target on `tiny testbed`.", False)
+    assert found[2] == Finding("`vpi-sentiment-full` misses: off-trigger 8.0%, accuracy drop 5.0%.", False)
+    assert len(found) == 3
+    md = to_markdown(found)
+    assert md.splitlines()[0].startswith("- Targets: ASR ≥ 90%") and "- **fails**: `vpi-sentiment-full`" in md
+
+
+def test_zoo_findings_for_a_real_model_use_its_own_bar():
+    study = _zoo([dict(attack="badnets", asr=0.85, false_trigger=0.0, off_trigger=0.0, clean_accuracy=0.95)],
+                 model="somewhere")
+    last = zoo_study.findings(study)[-1]
+    assert last.holds is True and "ASR ≥ 80%: met by 1 of 1 (badnets-sentiment-full 85%)" in last.text
+
+
+def test_tuning_findings_judge_agreement_and_speed():
+    import pandas as pd
+
+    from purifylib.studies import tuning
+
+    rows = [dict(tau=0.05, strength=1.0, asr=0.6, clean_accuracy=0.9, synthetic_asr=0.4),
+            dict(tau=0.2, strength=1.0, asr=0.02, clean_accuracy=0.8, synthetic_asr=0.3),
+            dict(tau=0.2, strength=0.5, asr=0.5, clean_accuracy=0.9, synthetic_asr=0.5)]
+    study = tuning.TuningStudy(None, None, None, preview={"seconds": 2.5}, no_repair=pd.DataFrame(rows),
+                               repaired=pd.DataFrame(columns=["tau", "strength", "asr", "clean_accuracy"]))
+    found = tuning.findings(study)
+    assert found[0].text.startswith("Without repair at strength 1: τ 0.05 → ASR 60%") and len(found) == 3
+    assert found[1].holds is False and "in 1 of 2 τ values" in found[1].text  # 0.2: real removed, synthetic not
+    assert found[2] == tuning.Finding("One preview took 2.50 s (target: within 2 s on the tiny model).", False)

@@ -301,10 +301,12 @@ def update_norms(model, base: dict):
     return pd.DataFrame(rows)
 
 
+from purifylib.studies.findings import THRESHOLDS  # noqa: E402
+
 #: a backdoor "persists" when ASR keeps at least this share of its unablated value,
 #: and is "eliminated" when ASR falls to at most this absolute rate
-PERSISTS_SHARE = 0.5
-ELIMINATED_ASR = 0.10
+PERSISTS_SHARE = THRESHOLDS["persists_share"]
+ELIMINATED_ASR = THRESHOLDS["eliminated_asr"]
 
 
 def min_eliminating_k(grid) -> int | None:

@@ -47,3 +47,23 @@ def test_tuning_findings_judge_agreement_and_speed():
     assert found[0].text.startswith("Without repair at strength 1: τ 0.05 → ASR 60%") and len(found) == 3
     assert found[1].holds is False and "in 1 of 2 τ values" in found[1].text  # 0.2: real removed, synthetic not
     assert found[2] == tuning.Finding("One preview took 2.50 s (target: within 2 s on the tiny model).", False)
+
+
+def test_sanity_findings_count_the_checks_and_flag_the_adaptive_attacker():
+    import pandas as pd
+
+    from purifylib.ablation import SanityResult
+    from purifylib.studies import sanity
+
+    def result(name, asr, holds):
+        t1 = pd.DataFrame({"condition": ["none", "attn reverted", "mlp reverted"], "asr": asr})
+        norms = pd.DataFrame({"part": ["mlp", "attn"], "norm": [0.0, 1.0]})
+        checks = [{"claim": f"claim {i}", "holds": h, "evidence": "e"} for i, h in enumerate(holds)]
+        return SanityResult(name, t1, None, None, None, norms, checks)
+
+    study = sanity.SanityStudy(None, [result("badnets-sentiment-full", [0.9, 0.8, 0.0], [True, True, False]),
+                                      result("badnets-sentiment-lora-attn", [0.9, 0.1, 0.85], [False])])
+    found = sanity.findings(study)
+    assert found[0].text.startswith("`badnets-sentiment-full` (ASR without ablation 90%): claim 0") and found[0].holds
+    assert "expect it to miss" in found[-2].text  # the MLP reverted leaves 85% of the attention-only backdoor
+    assert found[-1] == sanity.Finding("Across the non-adaptive models, 2 of 3 checks of Finding 1 hold.", False)

@@ -16,6 +16,10 @@ THRESHOLDS = {
     "zoo_false_trigger_max": 0.02,
     "zoo_off_trigger_max": 0.05,
     "zoo_accuracy_drop_max": 0.03,
+    # notebook 01: a backdoor persists under an ablation that keeps this share of its ASR, and is
+    # eliminated at or below this absolute ASR
+    "persists_share": 0.5,
+    "eliminated_asr": 0.10,
     # a real model's backdoor counts as planted
     "real_asr_min": 0.80,
     # a backdoor counts as removed (notebook 03: the held-out synthetic ASR against the real one)

@@ -343,12 +343,13 @@ def n_sweep(bed, sus: Suspicious, cfg, ns, *, tau: float, n_eval: int, seed: int
 
 
 def compare_settings(bed, sus: Suspicious, signature, cfg, settings: dict, *, n_eval: int, seed: int = 0,
-                     progress: bool = True):
+                     progress: bool = True, split=None):
     """Neutralize-and-repair ``sus`` under named settings and measure each against the real attack.
 
     ``settings`` maps a label to a dict with ``tau`` (0: no neutralization), ``repair`` (a
     :class:`~purifylib.train.TrainConfig`, or None for none) and optionally ``random: True`` (the
-    control: as many channels per module, chosen at random). Same signature, same data split.
+    control: as many channels per module, chosen at random). Same signature, same data split
+    (``split``: the purification's own, :attr:`~purifylib.purify.PurifyResult.split`; else computed).
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -359,7 +360,8 @@ def compare_settings(bed, sus: Suspicious, signature, cfg, settings: dict, *, n_
     from purifylib.purify import split_clean
     from purifylib.train import finetune
 
-    split, _ = split_clean(defender_records(bed, sus, progress), cfg)
+    if split is None:
+        split, _ = split_clean(defender_records(bed, sus, progress), cfg)
     test, kw = bed.split("test")[:n_eval], eval_kwargs(bed)
     rows = []
     for label, s in tqdm(settings.items(), desc="settings", disable=not progress):

@@ -67,3 +67,31 @@ def test_sanity_findings_count_the_checks_and_flag_the_adaptive_attacker():
     assert found[0].text.startswith("`badnets-sentiment-full` (ASR without ablation 90%): claim 0") and found[0].holds
     assert "expect it to miss" in found[-2].text  # the MLP reverted leaves 85% of the attention-only backdoor
     assert found[-1] == sanity.Finding("Across the non-adaptive models, 2 of 3 checks of Finding 1 hold.", False)
+
+
+def test_signature_findings_compare_with_random_channels_and_the_paper():
+    import types
+
+    import pandas as pd
+
+    from purifylib.purify import PurifyConfig
+    from purifylib.studies import signature as sig_study
+    from purifylib.zoo import PurifyStudy
+
+    row = dict(model="badnets-sentiment-full", tau=0.08, asr_before=0.99, asr_after=0.45, clean_accuracy_before=0.94,
+               clean_accuracy_after=0.915, accuracy_kept=0.97, perplexity_before=1.07, perplexity_after=1.08,
+               perplexity_ratio=1.01, off_trigger_after=0.0)
+    purified = PurifyStudy(rows=[row], runs={row["model"]: types.SimpleNamespace(tau=0.08)})
+    settings = pd.DataFrame([{"setting": k, "asr": a, "clean_accuracy": 0.9} for k, a in (
+        ("paper: tau 3%, paper repair", 0.94), ("random channels, tau 0.08, this repair", 0.69),
+        ("signature, tau 0.08 (auto), this repair", 0.45))])
+    overlap = pd.DataFrame({"source": ["signature", "random"], "precision": [0.30, 0.08], "spearman": [0.2, 0.0]})
+    study = sig_study.SignatureStudy(ZooConfig(size="tiny"), PurifyConfig(), purified,
+                                     types.SimpleNamespace(name=row["model"]), None, overlap, 0.08, settings,
+                                     pd.DataFrame(columns=sig_study.N_COLUMNS), True)
+    found = sig_study.findings(study)
+    assert found[1].holds is False and "Average ASR after purification over 1 model(s): 45.0%" in found[1].text
+    assert found[2].holds is False and "ASR 99.0% → 45.0%" in found[2].text
+    assert found[3].holds is False and "does not transfer" in found[3].text
+    assert found[4].holds is True and "0.30 (random channels: 0.08): better than chance" in found[4].text
+    assert found[5].holds is True and "random channels give ASR 69.0%" in found[5].text

@@ -1,0 +1,169 @@
+"""Notebook 02: the backdoor signature, layer by layer (the paper's Finding 2).
+
+``run`` purifies every suspicious model of the zoo as ``purify run`` would, then, on the first one,
+measures how consistent the variants are, whether the signature finds the channels the real
+backdoor wrote (ground truth only the testbed has), what each change to the paper's recipe does,
+and the effect of N; ``findings`` states what holds, by :data:`purifylib.studies.findings.THRESHOLDS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from purifylib.studies.findings import THRESHOLDS, Finding
+
+SETTINGS_COLUMNS = ["setting", "tau", "asr", "off_trigger", "clean_accuracy", "perplexity"]
+N_COLUMNS = ["n_variants", "tau", "asr", "clean_accuracy", "off_trigger", "perplexity"]
+
+
+@dataclass
+class SignatureStudy:
+    config: object  # purifylib.zoo.ZooConfig
+    purify_config: object
+    purified: object  # purifylib.zoo.PurifyStudy: before/after of every model, and its runs
+    focus: object  # the first suspicious model: the one whose signature is studied
+    consistency: object  # DataFrame: mean pairwise cosine of the variants' Δ per layer and module
+    overlap: object  # DataFrame: signature (and random) precision against the real update's channels
+    overlap_tau: float
+    settings: object  # DataFrame: each change to the paper's recipe
+    n_curve: object  # DataFrame: the effect of N
+    ablations: bool
+
+    def to_frame(self):
+        return self.purified.to_frame()
+
+    @property
+    def run(self):
+        """The focus model's purification (:class:`~purifylib.purify.PurifyResult`)."""
+        return self.purified.runs[self.focus.name]
+
+    def overlap_by_source(self):
+        return self.overlap.groupby("source")[["precision", "spearman"]].mean()
+
+
+def settings_for(tau: float, pcfg, *, paper_repair_n: int, seed: int) -> dict:
+    """The settings table's rows: the paper's recipe piece by piece, and this method's, at one split."""
+    from purifylib.train import TrainConfig
+
+    paper_repair = TrainConfig(epochs=5, lr=1e-4, batch_size=32, seed=seed)
+    repair = pcfg.repair_config()
+    return {
+        "suspicious (no defence)": {"tau": 0.0, "repair": None},
+        "repair only": {"tau": 0.0, "repair": repair},
+        "paper: tau 3%, paper repair": {"tau": 0.03, "repair": paper_repair, "repair_n": paper_repair_n},
+        "tau 3%, this repair": {"tau": 0.03, "repair": repair},
+        f"random channels, tau {tau:g}, this repair": {"tau": tau, "repair": repair, "random": True},
+        f"signature, tau {tau:g} (auto), no repair": {"tau": tau, "repair": None},
+        f"signature, tau {tau:g} (auto), this repair": {"tau": tau, "repair": repair},
+    }
+
+
+def run(zoo_config, purify_config, *, plant_overrides: dict | None = None, ns=(1, 6), paper_repair_n: int = 200,
+        ablations: bool = True, progress: bool = True) -> SignatureStudy:
+    import pandas as pd
+
+    from purifylib.ablation import base_weights, signature_overlap
+    from purifylib.models import load_model
+    from purifylib.signature import variant_consistency
+    from purifylib.zoo import compare_settings, n_sweep, plant_backdoor, purify_zoo
+
+    zcfg, pcfg = zoo_config, purify_config
+    bed = zcfg.build_bed(progress=progress)
+    suspicious = [plant_backdoor(bed, spec, plant=plant, rate=zcfg.poison_rate, seed=zcfg.seed,
+                                 train_overrides=plant_overrides or None, progress=progress)
+                  for spec, plant in zcfg.specs()]
+    purified = purify_zoo(bed, suspicious, pcfg, n_eval=zcfg.n_eval, seed=zcfg.seed, progress=progress)
+    focus = suspicious[0]
+    run_ = purified.runs[focus.name]
+    model, _ = focus.load(merge=focus.adapter_dir is None)
+    consistency = variant_consistency(model, run_.variants) if pcfg.variants.n_variants > 1 else pd.DataFrame()
+    sig = run_.signature
+    ov_sig = sig if sig.tau < THRESHOLDS["overlap_tau_max"] else sig.with_tau(THRESHOLDS["overlap_tau"])
+    overlap = signature_overlap(ov_sig, model, base_weights(load_model(bed.base_dir)[0]), seed=zcfg.seed)
+    if ablations:
+        settings = compare_settings(bed, focus, sig, pcfg, settings_for(run_.tau, pcfg, paper_repair_n=paper_repair_n,
+                                                                         seed=zcfg.seed),
+                                    n_eval=zcfg.n_eval, seed=zcfg.seed, progress=progress, split=run_.split)
+        n_curve = n_sweep(bed, focus, pcfg, ns, tau=run_.tau, n_eval=zcfg.n_eval, seed=zcfg.seed, progress=progress)
+    else:
+        settings, n_curve = pd.DataFrame(columns=SETTINGS_COLUMNS), pd.DataFrame(columns=N_COLUMNS)
+    return SignatureStudy(zcfg, pcfg, purified, focus, consistency, overlap, ov_sig.tau, settings, n_curve, ablations)
+
+
+def findings(study: SignatureStudy) -> list[Finding]:
+    t, pcfg, results = THRESHOLDS, study.purify_config, study.to_frame()
+    out = [Finding(f"Neutralization: **{pcfg.neutral}**" + (
+        f" (alpha {pcfg.alpha:g}: each flagged channel loses alpha × the variants' mean difference Δ; the paper "
+        "re-initialises them)." if pcfg.neutral == "negate" else " (the paper's: the flagged channels are re-initialised)."))]
+    avg = results["asr_after"].mean()
+    out.append(Finding(f"Average ASR after purification over {len(results)} model(s): {avg:.1%} (before: "
+                       f"{results['asr_before'].mean():.1%}); target ≤ {t['purified_asr_max']:.0%}.",
+                       bool(avg <= t["purified_asr_max"])))
+    for r in results.itertuples():
+        if study.config.model is None:  # the testbed's targets
+            ok = (r.asr_after <= t["purified_asr_max"] and r.accuracy_kept >= t["purified_accuracy_kept_min"]
+                  and r.off_trigger_after <= t["purified_off_trigger_max"])
+        else:  # a real model's: ASR and perplexity within a ratio of the suspicious model's
+            ok = r.asr_after <= t["purified_real_asr_max"] and r.perplexity_ratio <= t["purified_real_perplexity_ratio_max"]
+        out.append(Finding(f"{r.model}: ASR {r.asr_before:.1%} → {r.asr_after:.1%}, accuracy {r.clean_accuracy_before:.1%}"
+                           f" → {r.clean_accuracy_after:.1%} ({r.accuracy_kept:.1%} kept), perplexity "
+                           f"{r.perplexity_before:.2f} → {r.perplexity_after:.2f} (×{r.perplexity_ratio:.3f}), off-trigger "
+                           f"{r.off_trigger_after:.1%}, tau {r.tau:g}: the per-model targets.", bool(ok)))
+    table = study.settings.set_index("setting")
+    if study.ablations:
+        p_asr = table.loc["paper: tau 3%, paper repair", "asr"]
+        out.append(Finding(f"The paper's τ of 3% with its repair leaves ASR at {p_asr:.1%} on {study.focus.name}"
+                           + (": the paper's setting does not transfer here." if p_asr > t["purified_asr_max"] else "."),
+                           bool(p_asr <= t["purified_asr_max"])))
+    else:
+        out.append(Finding("The settings table and the effect of N were not run (`ablations = False` in this preset)."))
+    by = study.overlap_by_source()
+    sig_p, rand_p = by.loc["signature", "precision"], by.loc["random", "precision"]
+    better = sig_p >= t["precision_over_random"] * rand_p and sig_p - rand_p >= t["precision_margin"]
+    out.append(Finding(f"Precision of the signature's top {study.overlap_tau:.0%} against the real update's top channels: "
+                       f"{sig_p:.2f} (random channels: {rand_p:.2f})" + (
+                           ": better than chance." if better else ": only slightly above chance." if sig_p > rand_p
+                           else ": no better than chance here."), bool(better)))
+    if study.ablations:
+        tau = study.run.tau
+        r_row = table.loc[f"random channels, tau {tau:g}, this repair"]
+        s_row = table.loc[f"signature, tau {tau:g} (auto), this repair"]
+        out.append(Finding(f"At the same τ and repair, random channels give ASR {r_row.asr:.1%} / accuracy "
+                           f"{r_row.clean_accuracy:.1%}, the signature ASR {s_row.asr:.1%} / accuracy "
+                           f"{s_row.clean_accuracy:.1%}.", bool(s_row.asr < r_row.asr)))
+    if len(study.n_curve) > 1:
+        out.append(Finding(f"Effect of N: ASR {', '.join(f'{a:.0%}' for a in study.n_curve['asr'])} for N = "
+                           f"{', '.join(map(str, study.n_curve['n_variants']))}."))
+    return out
+
+
+def save(study: SignatureStudy, *, preset: str, figures: dict) -> None:
+    """Notebook 02's tables, figures (``{"fig02_...": fig or None}``) and metrics."""
+    from purifylib import reports
+
+    reports.save_table(study.to_frame().round(4), "table02_purification",
+                       caption="ASR, false/off-trigger rate and clean accuracy before and after purification")
+    reports.save_table(study.overlap.groupby(["source", "module"], as_index=False)[["precision", "spearman"]].mean()
+                       .round(4), "table02_ground_truth",
+                       caption="Signature vs the real update's channels (precision at tau, rank correlation)")
+    if study.ablations:
+        reports.save_table(study.settings.round(4), "table02_settings",
+                           caption=f"Each change to the paper's recipe, {study.focus.name}")
+        reports.save_table(study.n_curve.round(4), "table02_effect_of_n",
+                           caption="ASR after purification against the number of variants")
+    captions = {"fig02_before_after": "Before and after purification, every attack",
+                "fig02_signature_heatmaps": "Channel scores across layers (gate, up, down)",
+                "fig02_flagged_share": "Score mass in the flagged channels per layer",
+                "fig02_variant_consistency": "Variant consistency per layer",
+                "fig02_ground_truth": "Signature precision against the real update, per layer",
+                "fig02_effect_of_n": "Effect of the number of variants"}
+    for fig_id, fig in figures.items():
+        if fig is not None:
+            reports.save_figure(fig, fig_id, caption=captions.get(fig_id, ""))
+    run_ = study.run
+    reports.record_metrics("02_signature", {
+        "preset": preset, "zoo": study.config.to_dict(), "purify": study.purify_config.to_dict(),
+        "models": study.purified.rows, "average_asr_after": float(study.to_frame()["asr_after"].mean()),
+        "loo_folds": run_.folds, "tau_trials": run_.tau_trials, "settings": study.settings.to_dict(orient="records"),
+        "overlap": study.overlap_by_source().reset_index().to_dict(orient="records"),
+        "effect_of_n": study.n_curve.to_dict(orient="records"), "findings": [f.text for f in findings(study)]})

@@ -127,24 +127,27 @@ class GridConfig:
 
 
 def grid_cells(cfg: GridConfig, grid_file: str | Path = GRID_FILE) -> list[Cell]:
-    """The cells of ``cfg`` in a fixed order (seed, threat, pair)."""
+    """The cells of ``cfg`` in a fixed order: seed, then threat, then pair, the pairs dealt in rounds
+    that each give every attack a different family. A run stopped early (``--hours``) has so
+    covered every attack and every family as far as it could for its first seed."""
     grid = load_grid_file(grid_file)
     dev = {tuple(p) for p in grid["dev"]}
     every = [(a, f) for a in grid["attacks"] for f in grid["families"]]
     unknown = [p for p in cfg.pairs if p not in every]
     if unknown:
         raise PurifyError(f"pairs {unknown} are not in the grid's attacks x families")
+    pairs = [p for p in (cfg.pairs or every) if cfg.split == "all" or ("dev" if p in dev else "report") == cfg.split]
+    if not cfg.pairs:  # round r gives attack i the family r + i: each round spans attacks and families
+        fams, chosen = grid["families"], set(pairs)
+        pairs = [(a, fams[(r + i) % len(fams)]) for r in range(len(fams)) for i, a in enumerate(grid["attacks"])
+                 if (a, fams[(r + i) % len(fams)]) in chosen]
     cells = []
-    # seed-major, then threat: a run stopped early has covered every full-threat pair of its first seed
     for seed in cfg.seeds:
         for threat in cfg.threats:
-            for pair in cfg.pairs or every:
-                split = "dev" if pair in dev else "report"
-                if cfg.split != "all" and split != cfg.split:
-                    continue
+            for pair in pairs:
                 if threat == "adapter" and pair[0] not in grid.get("adapter", ()):
                     continue
-                cells.append(Cell(pair[0], pair[1], threat, seed, split))
+                cells.append(Cell(pair[0], pair[1], threat, seed, "dev" if pair in dev else "report"))
     return cells
 
 

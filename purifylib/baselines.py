@@ -147,8 +147,7 @@ class DefenceConfig:
 def defend(defence: str, model, tokenizer, *, clean: list[dict], repair_records: list[dict] | None = None,
            repair_cfg=None, signature=None, tau: float | None = None, cfg: DefenceConfig = DefenceConfig()):
     """Apply one defence to ``model`` and return it. ``clean`` supplies calibration prompts."""
-    from purifylib.neutralize import apply
-    from purifylib.train import finetune
+    from purifylib.neutralize import neutralize_and_repair
 
     if defence not in DEFENCES:
         raise PurifyError(f"unknown defence '{defence}' (choose from {', '.join(DEFENCES)})")
@@ -164,9 +163,9 @@ def defend(defence: str, model, tokenizer, *, clean: list[dict], repair_records:
         wanda_prune(model, tokenizer, calibration, cfg.sparsity)
     elif defence == "fine-pruning":
         fine_prune(model, tokenizer, calibration, cfg.prune_fraction)
-    elif defence in ("random", "signature"):
+    sig = None
+    if defence in ("random", "signature"):
         sig = signature.with_tau(tau)
-        apply(model, random_signature(sig, cfg.seed) if defence == "random" else sig, seed=cfg.seed)
-    if needs_repair:
-        model = finetune(model, tokenizer, repair_records, repair_cfg, progress=False).model
-    return model
+        sig = random_signature(sig, cfg.seed) if defence == "random" else sig
+    return neutralize_and_repair(model, tokenizer, sig, seed=cfg.seed, repair_records=repair_records,
+                                 repair_cfg=repair_cfg if needs_repair else None)

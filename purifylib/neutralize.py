@@ -176,3 +176,19 @@ def neutralized(model, signature, *, strength: float = 1.0, seed: int = 0):
         yield model
     finally:
         n.restore()
+
+
+def neutralize_and_repair(model, tokenizer, signature=None, *, strength: float = 1.0, seed: int = 0,
+                          repair_records: list[dict] | None = None, repair_cfg=None, progress: bool = False,
+                          desc: str = "repair"):
+    """The one edit every defended model goes through: ``signature``'s flagged channels neutralized
+    at ``strength`` (``None``: none), then the repair fine-tune on ``repair_records`` with
+    ``repair_cfg`` (``None``: none). ``purify``'s τ rule, the baselines, the settings table, the
+    effect of N and the tuner's repaired grid all call it. Returns the model (the repair's)."""
+    if signature is not None:
+        apply(model, signature, strength=strength, seed=seed)
+    if repair_cfg is not None:
+        from purifylib.train import finetune
+
+        model = finetune(model, tokenizer, repair_records, repair_cfg, progress=progress, desc=desc).model
+    return model

@@ -299,9 +299,8 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     ``score``, ``choose_tau``, ``neutralize_repair``, ``done``): benchmarks use it to attribute memory.
     """
     from purifylib.models import load_model
-    from purifylib.neutralize import apply
+    from purifylib.neutralize import neutralize_and_repair
     from purifylib.signature import build_variants, score
-    from purifylib.train import finetune
 
     t_start = time.time()
     timings, notes = {}, []
@@ -383,15 +382,16 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     def trial(tau: float, keep_if_fails: bool = False) -> bool:
         """Neutralize at ``tau``, repair, measure held-out utility against the floor (or ceiling)."""
         model, tok = load()
-        apply(model, full_sig.with_tau(tau, cfg.heads), strength=cfg.strength, seed=cfg.seed)
-        res = finetune(model, tok, split.repair, cfg.repair_config(), progress=progress, desc=f"repair (tau {tau:g})")
-        m = _holdout_metrics(res.model, tok, split.holdout)
+        model = neutralize_and_repair(model, tok, full_sig.with_tau(tau, cfg.heads), strength=cfg.strength,
+                                      seed=cfg.seed, repair_records=split.repair, repair_cfg=cfg.repair_config(),
+                                      progress=progress, desc=f"repair (tau {tau:g})")
+        m = _holdout_metrics(model, tok, split.holdout)
         holds = m["accuracy"] >= floor if utility == "accuracy" else m["perplexity"] <= ceiling
         trials.append({"tau": tau, **m, "utility": utility, "accuracy_floor": floor, "perplexity_ceiling": ceiling,
                        "holds": holds})
         if holds or keep_if_fails:
             kept.clear()
-            kept[tau] = (res.model, tok, m)
+            kept[tau] = (model, tok, m)
         return holds
 
     if cfg.tau != "auto":

@@ -183,6 +183,10 @@ def write_index_readme(root: str | os.PathLike | None = None, *, by: str = "puri
     order = {c: i for i, c in enumerate(dict.fromkeys(PAPER_CLAIMS.values()))}
     for claim, rel, info in sorted(rows, key=lambda r: (order.get(r[0], len(order)), r[1])):
         lines.append(f"| {claim} | [{rel}]({rel}) | {_cell(info['caption'])} | {info['notebook']} | {info['preset']} |")
+    grids = sorted(d.name for d in root.iterdir() if (d / "metrics" / "grid.json").is_file()) if root.is_dir() else []
+    if grids:
+        lines += ["", "Held-out attack grids (the paper's Table 2 on cells the method never saw, `purify grid`): "
+                  + ", ".join(f"[{g}/]({g}/README.md)" for g in grids) + "."]
     path = root / "README.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

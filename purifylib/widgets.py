@@ -145,8 +145,7 @@ def grid(t: Tuner, taus, strengths, *, repair_records: list[dict] | None = None,
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from purifylib.neutralize import apply
-    from purifylib.train import finetune
+    from purifylib.neutralize import neutralize_and_repair
 
     rows = []
     cells = [(a, s) for a in taus for s in strengths]
@@ -158,8 +157,8 @@ def grid(t: Tuner, taus, strengths, *, repair_records: list[dict] | None = None,
             if reload is None or repair_cfg is None:
                 raise PurifyError("a grid with repair needs reload= and repair_cfg=")
             model, tok = reload()
-            apply(model, configure(t.signature, tau=tau, lam=lam), strength=s, seed=t.seed)
-            model = finetune(model, tok, repair_records, repair_cfg, progress=False).model
+            model = neutralize_and_repair(model, tok, configure(t.signature, tau=tau, lam=lam), strength=s, seed=t.seed,
+                                          repair_records=repair_records, repair_cfg=repair_cfg)
             q = preview(dataclasses.replace(t, model=model, tokenizer=tok), tau=tau, strength=0.0, lam=lam)
             rows.append({"tau": tau, "strength": s, "repaired": True,
                          **{k: q[k] for k in ("asr", "clean_accuracy", "off_trigger")},

@@ -320,10 +320,9 @@ def n_sweep(bed, sus: Suspicious, cfg, ns, *, tau: float, n_eval: int, seed: int
     from tqdm.auto import tqdm
 
     from purifylib.evaluate import evaluate_attack
-    from purifylib.neutralize import apply
+    from purifylib.neutralize import neutralize_and_repair
     from purifylib.purify import split_clean
     from purifylib.signature import build_variants, score
-    from purifylib.train import finetune
 
     big = dataclasses.replace(cfg, tau=tau, variants=dataclasses.replace(cfg.variants, n_variants=max(ns)))
     split, big = split_clean(defender_records(bed, sus, progress), big)
@@ -334,8 +333,8 @@ def n_sweep(bed, sus: Suspicious, cfg, ns, *, tau: float, n_eval: int, seed: int
         model, tok = sus.load()
         sig = score(model, variants, tau=tau, lam=cfg.lam, include=list(range(n)),
                     progress=False).neutralizing(cfg.neutral, cfg.alpha)
-        apply(model, sig, strength=cfg.strength, seed=cfg.seed)
-        model = finetune(model, tok, split.repair, cfg.repair_config(), progress=False).model
+        model = neutralize_and_repair(model, tok, sig, strength=cfg.strength, seed=cfg.seed,
+                                      repair_records=split.repair, repair_cfg=cfg.repair_config())
         m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw)
         rows.append({"n_variants": n, "tau": tau, "asr": m.asr, "clean_accuracy": m.clean_accuracy,
                      "off_trigger": m.off_trigger, "perplexity": m.perplexity})
@@ -356,9 +355,8 @@ def compare_settings(bed, sus: Suspicious, signature, cfg, settings: dict, *, n_
 
     from purifylib.baselines import random_signature
     from purifylib.evaluate import evaluate_attack
-    from purifylib.neutralize import apply
+    from purifylib.neutralize import neutralize_and_repair
     from purifylib.purify import split_clean
-    from purifylib.train import finetune
 
     if split is None:
         split, _ = split_clean(defender_records(bed, sus, progress), cfg)
@@ -369,11 +367,9 @@ def compare_settings(bed, sus: Suspicious, signature, cfg, settings: dict, *, n_
         sig = signature.with_tau(s["tau"])
         if s.get("random"):
             sig = random_signature(sig, seed)
-        if s["tau"] > 0:
-            apply(model, sig, strength=cfg.strength, seed=cfg.seed)
-        if s.get("repair") is not None:
-            model = finetune(model, tok, split.repair[:s.get("repair_n", len(split.repair))], s["repair"],
-                             progress=False).model
+        model = neutralize_and_repair(model, tok, sig if s["tau"] > 0 else None, strength=cfg.strength, seed=cfg.seed,
+                                      repair_records=split.repair[:s.get("repair_n", len(split.repair))],
+                                      repair_cfg=s.get("repair"))
         m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw)
         rows.append({"setting": label, "tau": s["tau"], "asr": m.asr, "off_trigger": m.off_trigger,
                      "clean_accuracy": m.clean_accuracy, "perplexity": m.perplexity})

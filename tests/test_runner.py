@@ -85,6 +85,10 @@ def test_index_names_the_paper_claim(tmp_path):
     assert "| effect of N (Fig. 2) | [figures/fig02_effect_of_n.png]" in text
     assert "|  | [tables/table_other.md]" in text  # no claim: an empty cell, listed last
     assert text.index("table1_sanity") < text.index("fig02_effect") < text.index("table_other")
+    assert "Held-out attack grids" not in text
+    reports.record_metrics("grid", {"cells": 1}, root=tmp_path / "grid")
+    assert "Held-out attack grids (the paper's Table 2" in reports.write_index_readme(tmp_path).read_text()
+    assert "[grid/](grid/README.md)" in (tmp_path / "README.md").read_text()
 
 
 def test_compare_metrics_names_changed_conclusions(tmp_path):

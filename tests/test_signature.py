@@ -1,7 +1,5 @@
 """Signature, neutralization and the purification pipeline on the micro testbed."""
 
-import json
-
 import pytest
 import torch
 
@@ -113,7 +111,7 @@ def test_neutralize_is_reversible_bit_exact_and_moves_only_flagged(micro_bed, mi
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     n.set_strength(1.0)
     name = "blocks.0.mlp.down"
-    w, w0 = resolve(model, name).weight.detach(), before[f"model.layers.0.mlp.down_proj.weight"]
+    w, w0 = resolve(model, name).weight.detach(), before["model.layers.0.mlp.down_proj.weight"]
     changed = (w != w0).any(dim=0)  # columns
     assert torch.equal(changed, sig.masks[name])
     half = Neutralizer(model, sig, seed=3)  # same seed, same neutral values

@@ -374,9 +374,14 @@ def write_grid(study: GridStudy, out: str | Path, *, commit: str = "", note: str
     paths += save_figure(plots.grid_by_family(frame, DEFENCE_NAMES), "grid_by_family",
                          caption="ASR per behaviour family and defence (error bars: 95% over seeds)", root=out)
     lines = verdict(frame)
-    paths.append(reports.record_metrics(f"{prefix}_evaluation" if prefix else "grid", {"config": study.config.to_dict(), "seconds": study.seconds,
-                                         "cells": study.cells_done, "cells_total": study.cells_total,
-                                         "verdict": lines}, root=out))
+    # each cell's ASR per defence (random: the mean of its draws), so that a comparison of two runs
+    # (benchmarks/compare_reports.py) names every cell whose ASR crossed 10%
+    per_cell = cell_means(frame)
+    asr = {d: {f"{r.attack} x {r.family} ({r.threat}, seed {r.seed})": r.asr
+               for r in per_cell[per_cell["defence"] == d].itertuples()} for d in sorted(set(per_cell["defence"]))}
+    paths.append(reports.record_metrics(f"{prefix}_evaluation" if prefix else "grid", {
+        "config": study.config.to_dict(), "seconds": study.seconds, "cells": study.cells_done,
+        "cells_total": study.cells_total, "verdict": lines, "asr": asr}, root=out))
     log = out / "runs.md"
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     part = "" if study.cells_done == study.cells_total else f", partial: {study.cells_done} of {study.cells_total} cells"

@@ -52,6 +52,8 @@ def test_presets_name_existing_notebooks_and_parameters():
         params[nb_path.stem] = {t.id for s in ast.parse("".join(cell["source"])).body for t in s.targets}
     for preset in (ROOT / "notebooks" / "params").glob("*.yaml"):
         data = yaml.safe_load(preset.read_text()) or {}
+        shared = data.pop("shared", None) or {}  # given to every notebook that declares the name
+        assert set(shared) <= set().union(*params.values()), f"{preset.name}: shared: {set(shared)}"
         assert set(data) <= set(params), preset.name
         for stem, values in data.items():  # papermill would inject a misspelt name without complaint
             assert set(values or {}) <= params[stem], f"{preset.name}: {stem}: {set(values or {}) - params[stem]}"

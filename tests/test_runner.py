@@ -111,17 +111,3 @@ def test_compare_metrics_names_changed_conclusions(tmp_path):
         "00: verdict: 'holds' -> 'fails'"]
     assert changed["numbers"] == ["00: models.vpi.clean_accuracy: 0.810 -> 0.750"]  # perplexity moved < 5%
     assert compare_metrics(old, old) == {"conclusions": [], "numbers": [], "missing": []}
-
-
-def test_committed_presets_name_only_declared_parameters():
-    import papermill as pm
-
-    from purifylib.runner import notebooks, presets
-
-    declared = {nb.stem: set(pm.inspect_notebook(str(nb))) for nb in notebooks()}
-    for name in presets():
-        params = load_preset(name)
-        shared = params.pop("shared", {})
-        assert set(shared) <= set().union(*declared.values()), name
-        for stem, given in params.items():
-            assert set(given) <= declared[stem], (name, stem, set(given) - declared[stem])

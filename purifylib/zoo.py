@@ -88,20 +88,16 @@ def plant_backdoor(bed, spec: TriggerSpec, *, plant: str = "full", rate: float =
     root = Path(cache_dir or bed.root.parent.parent / "zoo") / f"{name}-{hashlib.sha256(key_blob).hexdigest()[:10]}"
     out = root / ("adapter" if plant == "adapter" else "model")
     info_path = root / "zoo.json"
-    if not build and not info_path.is_file():
-        return Suspicious(name, spec, plant, bed.base_dir if plant == "adapter" else out,
-                          out if plant == "adapter" else None, [], root.name)
-    if not info_path.is_file():
+    if build and not info_path.is_file():
         records = poison(bed.split("train"), spec, rate=rate, seed=seed)
         model, tok = load_model(bed.base_dir)
         result = finetune(model, tok, records, cfg, progress=progress, desc=f"plant {name}")
         attack = {**spec.to_dict(), "rate": rate, "seed": seed, "plant": plant, "train": cfg.to_dict()}
         save_model(result.model, tok, out, extra={"attack.json": attack}, replace=True)
         info_path.write_text(json.dumps({"losses": result.losses, "attack": attack}, indent=1))
-    info = json.loads(info_path.read_text())
-    if plant == "adapter":
-        return Suspicious(name, spec, plant, bed.base_dir, out, info["losses"], root.name)
-    return Suspicious(name, spec, plant, out, None, info["losses"], root.name)
+    losses = json.loads(info_path.read_text())["losses"] if info_path.is_file() else []
+    model_dir, adapter_dir = (bed.base_dir, out) if plant == "adapter" else (out, None)
+    return Suspicious(name, spec, plant, model_dir, adapter_dir, losses, root.name)
 
 
 # --------------------------------------------------------------------------- the zoo study (notebook 00)
@@ -145,10 +141,14 @@ class ZooConfig:
     def testbed(self):
         """The bed's config: a :class:`~purifylib.testbed.TestbedConfig`, or a
         :class:`~purifylib.realbed.RealBedConfig` when ``model`` is set (overrides are its fields)."""
+        from purifylib.beds import bed_config
+
         return bed_config(self.size, self.model, self.seed, self.testbed_overrides)
 
     def build_bed(self, progress: bool = True):
         """Build (or fetch from cache) the testbed or the real-model bed."""
+        from purifylib.beds import open_bed
+
         return open_bed(self.size, self.model, self.seed, self.testbed_overrides, progress=progress)
 
     @property
@@ -185,43 +185,6 @@ def meets_targets(row: dict, base_accuracy: float, targets: dict = TARGETS) -> b
     return (row["asr"] >= targets["asr_min"] and row["false_trigger"] <= targets["false_trigger_max"]
             and row["off_trigger"] <= targets["off_trigger_max"]
             and base_accuracy - row["clean_accuracy"] <= targets["accuracy_drop_max"])
-
-
-def bed_config(size: str = "tiny", model: str | None = None, seed: int = 0, overrides=()):
-    """A bed's config: the testbed of ``size``, or a real checkpoint ``model`` (overrides are then
-    :class:`~purifylib.realbed.RealBedConfig` fields; a relative path is tried from the repository)."""
-    from purifylib.testbed import TestbedConfig
-
-    overrides = tuple(sorted(dict(overrides).items()))
-    if model is None:
-        return TestbedConfig(size=size, seed=seed, overrides=overrides)
-    from purifylib.realbed import RealBedConfig
-
-    known = {f.name for f in dataclasses.fields(RealBedConfig)} - {"model", "seed"}
-    bad = sorted(set(dict(overrides)) - known)
-    if bad:
-        raise PurifyError(f"unknown real-bed override(s) {', '.join(bad)} (choose from {', '.join(sorted(known))})")
-    path = Path(model)
-    if not path.is_absolute() and not path.exists():  # a preset's path is relative to the repository
-        from purifylib.reports import REPO_ROOT
-
-        path = REPO_ROOT / path
-    return RealBedConfig(model=str(path), seed=seed, **dict(overrides))
-
-
-def open_bed(size: str = "tiny", model: str | None = None, seed: int = 0, overrides=(), *,
-             cache_dir: str | Path | None = None, progress: bool = True):
-    """The one way to a bed, testbed or real checkpoint alike (built, or read from its cache): it
-    carries its splits (``split``), how answers are checked (``match``) and its perplexity records
-    (``ppl_records``), so callers never branch on which kind it is."""
-    config = bed_config(size, model, seed, overrides)
-    if model is None:
-        from purifylib.testbed import build_testbed
-
-        return build_testbed(config, cache_dir=cache_dir, progress=progress)
-    from purifylib.realbed import build_realbed
-
-    return build_realbed(config, cache_dir=cache_dir, progress=progress)
 
 
 def eval_kwargs(bed) -> dict:

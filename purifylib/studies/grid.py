@@ -185,7 +185,8 @@ def run_grid(cfg: GridConfig, *, cache_dir=None, cells_dir=None, hours: float | 
 
     from purifylib.baselines import DefenceConfig
     from purifylib.stats import wilson
-    from purifylib.zoo import defence_grid, open_bed, plant_backdoor
+    from purifylib.beds import open_bed
+    from purifylib.zoo import defence_grid, plant_backdoor
 
     t0 = time.time()
     bed = open_bed(cfg.size, cfg.model, 0, cfg.testbed_overrides, progress=progress,

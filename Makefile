@@ -27,7 +27,7 @@ test: install
 	$(VENV)/bin/pytest -q --nbval-lax tests notebooks
 
 test-fast: install
-	$(VENV)/bin/pytest -q -m 'not slow' tests
+	$(VENV)/bin/pytest -q -m 'not slow and not real' tests
 
 reproduce: install
 	$(VENV)/bin/purify reproduce --preset $(PRESET)

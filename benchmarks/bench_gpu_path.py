@@ -33,9 +33,9 @@ def main() -> int:
 
     from purifylib.attacks import TriggerSpec
     from purifylib.evaluate import evaluate_attack
-    from purifylib.models import runtime
+    from purifylib.checkpoints import runtime
     from purifylib.purify import PurifyConfig, purify
-    from purifylib.signature import VariantConfig
+    from purifylib.variants import VariantConfig
     from purifylib.testbed import TestbedConfig, build_testbed
     from purifylib.zoo import plant_backdoor
 

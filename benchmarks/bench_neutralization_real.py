@@ -45,7 +45,8 @@ def main() -> int:
     from purifylib.baselines import random_signature
     from purifylib.evaluate import evaluate_attack, evaluate_clean
     from purifylib.purify import PurifyConfig, split_clean
-    from purifylib.signature import VariantConfig, build_variants, score
+    from purifylib.signature import score
+    from purifylib.variants import VariantConfig, build_variants
     from purifylib.zoo import ZooConfig, defender_records, eval_kwargs, plant_backdoor
 
     p = yaml.safe_load((ROOT / "notebooks/params/real.yaml").read_text())["02_backdoor_signature"]
@@ -70,12 +71,11 @@ def main() -> int:
     for label, neutral, tau, alpha, heads, random_channels, zeros in ROWS:
         t = time.time()
         model, tok = sus.load()
-        s = sig.with_tau(tau, n_heads if heads == "all" else heads).neutralizing(neutral, alpha)
-        if random_channels:
-            s = random_signature(s, seed=0)
+        how = neutralize.Neutralization(tau=tau, heads=n_heads if heads == "all" else heads, way=neutral, alpha=alpha)
+        s = random_signature(sig, seed=0) if random_channels else sig
         neutralize._xavier = (lambda w, seed: torch.zeros_like(w)) if zeros else xavier
         try:
-            neutralize.apply(model, s)
+            neutralize.apply(model, s, how, variants=variants)
         finally:
             neutralize._xavier = xavier
         m = evaluate_attack(model, tok, test, spec, **kw)

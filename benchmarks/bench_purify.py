@@ -20,7 +20,7 @@ import torch
 from purifylib.attacks import ATTACKS, Behaviour, TriggerSpec
 from purifylib.evaluate import evaluate_attack
 from purifylib.purify import PurifyConfig, purify
-from purifylib.signature import VariantConfig
+from purifylib.variants import VariantConfig
 from purifylib.testbed import TestbedConfig, build_testbed
 from purifylib.zoo import plant_backdoor
 

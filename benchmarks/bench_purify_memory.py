@@ -73,10 +73,10 @@ def main() -> int:
     import torch
 
     from purifylib.data import load_records
-    from purifylib.models import load_model
+    from purifylib.checkpoints import load_model
     from purifylib.purify import PurifyConfig, purify
     from purifylib.realbed import DATA
-    from purifylib.signature import VariantConfig
+    from purifylib.variants import VariantConfig
 
     model, _ = load_model(a.model)
     n_params = sum(p.numel() for p in model.parameters())

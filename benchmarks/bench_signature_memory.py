@@ -71,7 +71,8 @@ def measure(model_dir: str, variant_dirs: list, n: int) -> dict:
     """Run in a child process: peak RSS growth while scoring."""
     from transformers import AutoModelForCausalLM
 
-    from purifylib.signature import Variants, VariantConfig, score
+    from purifylib.signature import score
+    from purifylib.variants import Variants, VariantConfig
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)  # weights only: no tokenizer is needed to score
     import gc

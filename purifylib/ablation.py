@@ -13,8 +13,9 @@ mean over clean prompts (a vector of shape ``(hidden,)``, averaged over prompts 
 and see whether the behaviour survives.
 
 Every ablation here is a context manager that restores the model bit for bit in ``finally``.
-:func:`patched_weights` and :func:`patched_outputs` are the two generic engines; the rest are
-named shortcuts that build their arguments.
+:func:`patched_weights` (through :mod:`purifylib.edits`, the one restore engine for weight edits)
+and :func:`patched_outputs` are the two generic engines; the rest are named shortcuts that build
+their arguments.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from purifylib.errors import PurifyError
-from purifylib.models import blocks, components, family_of, resolve
+from purifylib.models import Component, block_part, blocks, component, components, layer_of, resolve
 
 
 # --------------------------------------------------------------------------- engines
@@ -33,29 +34,16 @@ from purifylib.models import blocks, components, family_of, resolve
 @contextmanager
 def patched_weights(model, new: dict):
     """Temporarily set ``{canonical component name: weight tensor}``; restore exactly on exit."""
-    import torch
+    from purifylib.edits import patched
 
-    saved = {}
-    try:
-        with torch.no_grad():
-            for name, w in new.items():
-                mod = resolve(model, name)
-                if mod.weight.shape != w.shape:
-                    raise PurifyError(f"{name}: new weight has shape {tuple(w.shape)}, expected {tuple(mod.weight.shape)}")
-                saved[name] = mod.weight.detach().clone()
-                mod.weight.copy_(w)
+    pairs = []
+    for name, w in new.items():
+        weight = resolve(model, name).weight
+        if weight.shape != w.shape:
+            raise PurifyError(f"{name}: new weight has shape {tuple(w.shape)}, expected {tuple(weight.shape)}")
+        pairs.append((weight, w))
+    with patched(pairs):
         yield model
-    finally:
-        with torch.no_grad():
-            for name, w in saved.items():
-                resolve(model, name).weight.copy_(w)
-
-
-def _block_part(model, layer: int, part: str):
-    """The whole attention or MLP submodule of a block (whose output is ablated)."""
-    fam = family_of(model)
-    path = next(iter(getattr(fam, part).values())).split(".")[0]  # e.g. "self_attn", "mlp", "attn"
-    return blocks(model)[layer].get_submodule(path)
 
 
 @contextmanager
@@ -72,7 +60,7 @@ def patched_outputs(model, patches: dict):
 
     try:
         for (layer, part), fn in patches.items():
-            handles.append(_block_part(model, layer, part).register_forward_hook(make_hook(fn)))
+            handles.append(block_part(model, layer, part).register_forward_hook(make_hook(fn)))
         yield model
     finally:
         for h in handles:
@@ -89,7 +77,7 @@ def base_weights(base_model) -> dict:
 
 def _select(model, part: str, layers) -> list[str]:
     keep = set(range(len(blocks(model)))) if layers is None else set(layers)
-    return [n for n in components(model, part) if int(n.split(".")[1]) in keep]
+    return [n for n in components(model, part) if layer_of(n) in keep]
 
 
 def revert(model, base: dict, *, attn_layers=(), mlp_layers=()):
@@ -116,8 +104,8 @@ def shuffle_mlp(model, base: dict, seed: int = 0):
         rng.shuffle(perm)
     new = {}
     for n in components(model, "mlp"):
-        _, layer, _, short = n.split(".")
-        src = f"blocks.{perm[int(layer)]}.mlp.{short}"
+        layer, _, short = Component.parse(n)
+        src = component(perm[layer], "mlp", short)
         new[n] = base[n] + (resolve(model, src).weight.detach() - base[src])
     return patched_weights(model, new)
 
@@ -139,7 +127,7 @@ def mean_outputs(model, tokenizer, records: list[dict], *, batch_size: int = 64)
             sums[key] = sums.get(key, 0) + (out.detach() * m).sum(dim=(0, 1))
         return hook
 
-    handles = [_block_part(model, i, p).register_forward_hook(make_hook((i, p)))
+    handles = [block_part(model, i, p).register_forward_hook(make_hook((i, p)))
                for i in range(len(blocks(model))) for p in ("attn", "mlp")]
     try:
         for enc in prompt_batches(model, tokenizer, records, batch_size=batch_size):
@@ -294,7 +282,7 @@ def update_norms(model, base: dict):
 
     rows = []
     for n in components(model):
-        _, layer, part, short = n.split(".")
+        layer, part, short = Component.parse(n)
         delta = resolve(model, n).weight.detach().float() - base[n].float()
         rows.append({"layer": int(layer), "part": part, "name": short, "norm": float(delta.norm()),
                      "relative": float(delta.norm() / base[n].float().norm().clamp_min(1e-12))})
@@ -407,7 +395,7 @@ def _spearman(a, b) -> float:
     return float((ra @ rb).item() / den) if den else 0.0
 
 
-def signature_overlap(signature, model, base: dict, *, tau: float | None = None, seed: int = 0):
+def signature_overlap(signature, model, base: dict, *, tau: float, seed: int = 0):
     """How well the signature finds the channels the real backdoor's update wrote most.
 
     Per MLP module: ``precision`` = share of the flagged channels (top τ by score) that are also
@@ -417,17 +405,17 @@ def signature_overlap(signature, model, base: dict, *, tau: float | None = None,
     import pandas as pd
     import torch
 
-    sig = signature.with_tau(signature.tau if tau is None else tau)
+    sig = signature
     names = sig.mlp_modules
     truth = channel_update_norms(model, base, names, sig.layouts)
     g = torch.Generator().manual_seed(seed)
     rows = []
     for n in names:
-        k = sig.n_flagged(n)
+        k = sig.n_flagged(n, tau)
         top_true = set(torch.argsort(-truth[n], stable=True)[:k].tolist())
-        _, layer, _, short = n.split(".")
+        layer, _, short = Component.parse(n)
         for source, scores in (("signature", sig.scores[n]), ("random", torch.rand(len(truth[n]), generator=g))):
             flagged = set(torch.argsort(-scores.double(), stable=True)[:k].tolist())
-            rows.append({"layer": int(layer), "module": short, "source": source, "tau": sig.tau,
+            rows.append({"layer": layer, "module": short, "source": source, "tau": tau,
                          "precision": len(flagged & top_true) / max(1, k), "spearman": _spearman(scores, truth[n])})
     return pd.DataFrame(rows)

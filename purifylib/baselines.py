@@ -78,11 +78,11 @@ def wanda_prune(model, tokenizer, calibration: list[dict], sparsity: float = 0.3
     """Prune each output row's lowest ``|W|·||X||`` entries (Wanda), calibrated on clean prompts."""
     import torch
 
-    from purifylib.models import _base, family_of
+    from purifylib.models import uses_conv1d
 
     if not 0 <= sparsity < 1:
         raise PurifyError(f"sparsity must be in [0, 1), got {sparsity}")
-    if family_of(_base(model)).blocks == "transformer.h":
+    if uses_conv1d(model):
         raise PurifyError("Wanda here assumes nn.Linear weights (out × in); GPT-2's Conv1D is not supported")
     norms = input_norms(model, tokenizer, calibration)
     with torch.no_grad():
@@ -98,7 +98,10 @@ def wanda_prune(model, tokenizer, calibration: list[dict], sparsity: float = 0.3
 def channel_activity(model, tokenizer, records: list[dict], *, batch_size: int = 32) -> dict:
     """``{down component: mean |activation| of each MLP channel}`` on clean prompts (its input)."""
     norms = input_norms(model, tokenizer, records, batch_size=batch_size)
-    return {n: v for n, v in norms.items() if n.endswith(".mlp.down")}
+    from purifylib.models import Component, family_of
+
+    down = list(family_of(model).mlp)[-1]  # the projection back to the residual stream: its input is the channel
+    return {n: v for n, v in norms.items() if Component.parse(n)[1:] == ("mlp", down)}
 
 
 def fine_prune(model, tokenizer, calibration: list[dict], fraction: float = 0.2):
@@ -123,12 +126,12 @@ def fine_prune(model, tokenizer, calibration: list[dict], fraction: float = 0.2)
 
 
 def random_signature(signature, seed: int = 0):
-    """A signature with the same modules and τ but seeded random scores (the control)."""
+    """A signature with the same modules but seeded random scores (the control: at the same τ it
+    flags as many channels per module, chosen at random)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return dataclasses.replace(signature, scores={n: torch.rand(len(v), generator=g) for n, v in signature.scores.items()},
-                               terms={})
+    return signature.with_scores({n: torch.rand(len(v), generator=g) for n, v in signature.scores.items()})
 
 
 @dataclass(frozen=True)
@@ -145,8 +148,11 @@ class DefenceConfig:
 
 
 def defend(defence: str, model, tokenizer, *, clean: list[dict], repair_records: list[dict] | None = None,
-           repair_cfg=None, signature=None, tau: float | None = None, cfg: DefenceConfig = DefenceConfig()):
-    """Apply one defence to ``model`` and return it. ``clean`` supplies calibration prompts."""
+           repair_cfg=None, signature=None, how=None, variants=None, cfg: DefenceConfig = DefenceConfig()):
+    """Apply one defence to ``model`` and return it. ``clean`` supplies calibration prompts;
+    ``signature`` and ``how`` (a :class:`~purifylib.neutralize.Neutralization`) the signature
+    defences (``variants``: the scored variants, for ``how.way == "negate"``); the random control
+    draws its scores with ``cfg.seed``."""
     from purifylib.neutralize import neutralize_and_repair
 
     if defence not in DEFENCES:
@@ -154,8 +160,8 @@ def defend(defence: str, model, tokenizer, *, clean: list[dict], repair_records:
     needs_repair = defence in ("finetune", "fine-pruning", "random", "signature")
     if needs_repair and (repair_records is None or repair_cfg is None):
         raise PurifyError(f"defence '{defence}' needs repair records and a repair config")
-    if defence in ("random", "signature") and (signature is None or tau is None):
-        raise PurifyError(f"defence '{defence}' needs a signature and tau")
+    if defence in ("random", "signature") and (signature is None or how is None):
+        raise PurifyError(f"defence '{defence}' needs a signature and a neutralization (tau)")
     calibration = clean[:cfg.n_calibration]
     if defence == "magnitude":
         magnitude_prune(model, cfg.sparsity)
@@ -165,7 +171,6 @@ def defend(defence: str, model, tokenizer, *, clean: list[dict], repair_records:
         fine_prune(model, tokenizer, calibration, cfg.prune_fraction)
     sig = None
     if defence in ("random", "signature"):
-        sig = signature.with_tau(tau)
-        sig = random_signature(sig, cfg.seed) if defence == "random" else sig
-    return neutralize_and_repair(model, tokenizer, sig, seed=cfg.seed, repair_records=repair_records,
+        sig = random_signature(signature, cfg.seed) if defence == "random" else signature
+    return neutralize_and_repair(model, tokenizer, sig, how, variants=variants, repair_records=repair_records,
                                  repair_cfg=repair_cfg if needs_repair else None)

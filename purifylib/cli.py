@@ -70,7 +70,7 @@ def cmd_poison(a) -> int:
 
 def cmd_finetune(a) -> int:
     from purifylib.data import check_prompts, load_records, parse_json, read_text
-    from purifylib.models import load_model, write_model
+    from purifylib.checkpoints import load_model, write_model
     from purifylib.outputs import check_output, staged_dir
     from purifylib.train import finetune
     from purifylib.zoo import plant_config
@@ -98,7 +98,7 @@ def cmd_evaluate(a) -> int:
     from purifylib.attacks import Behaviour, TriggerSpec
     from purifylib.data import check_prompts, finite_json, load_records, parse_json, read_text
     from purifylib.evaluate import evaluate_attack, evaluate_clean
-    from purifylib.models import load_model
+    from purifylib.checkpoints import load_model
 
     records = load_records(a.data)
     kw = {"match": a.match, "ppl_records": load_records(a.ppl_data) if a.ppl_data else None}
@@ -132,10 +132,11 @@ def cmd_run(a) -> int:
     import hashlib
 
     from purifylib.data import check_prompts, load_records, read_text
-    from purifylib.models import load_model
+    from purifylib.checkpoints import load_model
     from purifylib.outputs import check_output, staged_dir
     from purifylib.purify import PurifyConfig, purify, write_purified_into
-    from purifylib.signature import VariantConfig, model_digest
+    from purifylib.cache import model_digest
+    from purifylib.variants import VariantConfig
 
     check_output(a.out, inputs=[a.model, a.adapter, a.clean_data, a.cache])
     if a.threat == "adapter" and not a.adapter:
@@ -173,7 +174,7 @@ def _fraction(text: str, flag: str) -> float:
 
 
 def cmd_import_gguf(a) -> int:
-    from purifylib.models import find_smollm2_gguf, import_gguf
+    from purifylib.checkpoints import find_smollm2_gguf, import_gguf
     from purifylib.outputs import check_output
 
     src = a.gguf or find_smollm2_gguf()
@@ -186,7 +187,7 @@ def cmd_import_gguf(a) -> int:
 def cmd_reproduce(a) -> int:
     import os
 
-    from purifylib.models import runtime
+    from purifylib.checkpoints import runtime
     from purifylib.runner import run
 
     device, dtype = runtime(a.device, a.dtype)  # checked here, before any notebook starts
@@ -307,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of the repair fine-tune (default 3e-4; a pretrained model wants ~3e-5)")
     s.add_argument("--repair-epochs", type=_number, help="epochs of the repair fine-tune (default 1)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--cache", help="where finished variants are kept (default data/cache/variants)")
+    s.add_argument("--cache", help="cache root: finished variants go to CACHE/variants, self-answered data to "
+                                   "CACHE/answers (default $PURIFY_CACHE_DIR, else data/cache)")
     s.add_argument("--device", default="auto", help="auto (a GPU if visible), cpu, cuda, cuda:N")
     s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bfloat16 on a GPU, float32 on a CPU")

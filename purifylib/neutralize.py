@@ -1,13 +1,15 @@
-"""Apply a :class:`~purifylib.signature.Signature` to a model, with a strength, reversibly.
+"""How a signature's top channels are neutralized: a frozen :class:`Neutralization`, applied by one
+scoped context manager (:func:`neutralized`), or kept (:func:`apply`).
 
-Each flagged channel moves a fraction ``strength`` of the way from its current value to a neutral
-value: ``w ← w + s·(neutral − w)``. ``s = 1`` is the paper's method.
+A :class:`Neutralization` says *how*: ``tau`` (the share of each MLP module's channels flagged,
+top by the signature's score), ``heads`` (attention heads flagged per layer; 0: none), ``way``,
+``alpha`` and ``strength``. Each flagged channel moves a fraction ``strength`` of the way from
+its current value to a neutral value: ``w ← w + s·(neutral − w)``. ``s = 1`` is the paper's method.
 
-- **Full weights**, ``signature.neutral == "reinit"`` (the paper's): the neutral value is a fresh
-  Xavier-uniform initialisation of the module's weight (seeded per module), sliced at the flagged
-  channels: rows of gate/up, columns of down (the family's channel layout). Flagged attention
-  heads re-initialise the head's q rows, its k/v rows when heads do not share keys and values,
-  and its o columns.
+- **Full weights**, ``way="reinit"`` (the paper's): the neutral value is a fresh Xavier-uniform
+  initialisation of the module's weight (seeded per module), sliced at the flagged channels: rows
+  of gate/up, columns of down (the family's channel layout). Flagged attention heads re-initialise
+  the head's q rows, its k/v rows when heads do not share keys and values, and its o columns.
 - **Full weights**, ``"negate"``: the neutral value is the channel minus ``alpha`` times the mean
   of the variants' differences ``Δ_i`` there (the variants the signature was scored from, so a
   leave-one-out signature negates only the others'); a flagged head's shared key/value rows are
@@ -19,33 +21,70 @@ value: ``w ← w + s·(neutral − w)``. ``s = 1`` is the paper's method.
   ``lora_A`` where it is an input (down, o). Zeroing them removes exactly those channels' part of
   the adapter's update.
 
-:class:`Neutralizer` keeps the original slices, so ``set_strength`` can be called any number of
-times (the interactive tuner) and ``restore`` puts the model back bit for bit.
+:class:`Neutralizer` holds the original slices in a :class:`purifylib.edits.WeightEdit` (the one
+restore engine), so ``set_strength`` can be called any number of times (the interactive tuner)
+and ``restore`` puts the model back bit for bit.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from purifylib.errors import PurifyError
 
-INPUT_SIDE = ("down", "o")  # modules whose channel is an input (a column of an nn.Linear weight)
+WAYS = ("reinit", "negate")
+PAPER_TAU = 0.03  # the paper's share of channels per module
 
 
-@dataclass
-class _Slot:
-    tensor: object  # the parameter edited in place
-    dim: int  # 0: rows, 1: columns
-    index: object  # LongTensor of flagged rows/columns
-    orig: object
-    neutral: object
+@dataclass(frozen=True)
+class Neutralization:
+    """How to neutralize a signature's top channels (see the module's text)."""
 
+    tau: float = PAPER_TAU
+    heads: int = 0
+    way: str = "reinit"
+    alpha: float = 1.0
+    strength: float = 1.0
+    seed: int = 0
 
-def _is_adapter(model) -> bool:
-    from purifylib.signature import _lora_modules
+    def __post_init__(self):
+        object.__setattr__(self, "tau", float(self.tau))
+        if not (math.isfinite(self.tau) and 0 <= self.tau <= 1):
+            raise PurifyError(f"tau must be a fraction in [0, 1], got {self.tau}")
+        if self.way not in WAYS:
+            raise PurifyError(f"the neutralization way must be one of {', '.join(WAYS)}, got {self.way!r}")
+        if not 0 < self.alpha <= 10:
+            raise PurifyError(f"alpha must be in (0, 10], got {self.alpha}")
+        if not 0 <= self.strength <= 1:
+            raise PurifyError(f"strength must be in [0, 1], got {self.strength}")
+        if int(self.heads) != self.heads or self.heads < 0:
+            raise PurifyError(f"heads must be a whole number >= 0, got {self.heads}")
 
-    return bool(_lora_modules(model)) if hasattr(model, "peft_config") else False
+    def replace(self, **changes) -> "Neutralization":
+        return dataclasses.replace(self, **changes)
+
+    def flagged(self, signature, name: str):
+        """Indices of ``name``'s channels (or heads) this neutralization edits."""
+        return signature.flagged(name, self.tau, self.heads)
+
+    def masks(self, signature) -> dict:
+        return signature.masks(self.tau, self.heads)
+
+    def summary(self, signature):
+        return signature.summary(self.tau, self.heads)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Neutralization":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise PurifyError(f"unknown neutralization field(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
 
 
 def _xavier(weight, seed: int):
@@ -58,135 +97,123 @@ def _xavier(weight, seed: int):
 
 
 class Neutralizer:
-    """Prepared neutralization of ``signature`` on ``model``; call :meth:`set_strength`."""
+    """``how`` prepared on ``model`` for ``signature`` (``variants``: the scored variants, which
+    ``way="negate"`` subtracts); call :meth:`set_strength`, :meth:`restore`."""
 
-    def __init__(self, model, signature, *, seed: int = 0):
-        from purifylib.models import _base, resolve
+    def __init__(self, model, signature, how: Neutralization = Neutralization(), *, variants=None):
+        from purifylib.edits import WeightEdit
+        from purifylib.models import Component, head_geometry, is_adapter, resolve
 
-        self.model = model
-        self.signature = signature
-        self.adapter = _is_adapter(model)
-        if self.adapter and signature.neutral == "negate":
+        self.model, self.signature, self.how, self.variants = model, signature, how, variants
+        self.adapter = is_adapter(model)
+        if self.adapter and how.way == "negate":
             raise PurifyError("neutral='negate' edits full weights; under the adapter-only threat use 'reinit' "
                               "(it zeroes the flagged adapter rows)")
+        if how.way == "negate" and variants is None:
+            raise PurifyError("neutral='negate' needs the variants the signature was scored from")
         self.strength = 0.0
-        self.slots: list[_Slot] = []
-        cfg = _base(model).config
+        self.edit = WeightEdit()
+        self.slots = []  # (handle, neutral value of the held slice)
         for k, name in enumerate(sorted(signature.scores)):
-            idx = signature.flagged(name)
+            idx = how.flagged(signature, name)
             if len(idx) == 0:
                 continue
-            if name.endswith(".heads"):
-                self._add_heads(name, idx, cfg, seed * 100003 + k)
-                continue
-            short = name.rsplit(".", 1)[1]
-            mod = resolve(model, name)
-            if self.adapter:
-                self._add_adapter(mod, short, idx, name)
+            seed = how.seed * 100003 + k
+            c = Component.parse(name)
+            if c.is_heads:
+                self._add_heads(c.layer, idx.tolist(), head_geometry(model), seed)
             else:
-                dim = 0 if signature.layouts[name] == "row" else 1
-                self._add(mod.weight, dim, idx, self._neutral(name, mod.weight, seed * 100003 + k))
+                self._add_component(resolve(model, name), name, 0 if signature.layouts[name] == "row" else 1, idx, seed)
 
-    def _neutral(self, name, weight, seed):
-        """The whole module's neutral value (sliced at the flagged channels by the caller)."""
-        if self.signature.neutral == "reinit":
-            return _xavier(weight, seed)
-        delta = self.signature.mean_delta(name).to(device=weight.device)
-        return (weight.detach().float() - self.signature.alpha * delta).to(weight.dtype)
-
-    def _add(self, tensor, dim, idx, neutral_full):
+    def _add_component(self, mod, name, dim, idx, seed):
+        """Hold the flagged slices of one component (its weight, or the adapter factor that carries them)."""
         import torch
 
-        idx = torch.as_tensor(idx, dtype=torch.long, device=tensor.device)
-        orig = tensor.detach().index_select(dim, idx).clone()
-        neutral = neutral_full.index_select(dim, idx) if neutral_full is not None else torch.zeros_like(orig)
-        self.slots.append(_Slot(tensor, dim, idx, orig, neutral))
+        if self.adapter:
+            from purifylib.models import uses_conv1d
 
-    def _add_adapter(self, mod, short, idx, name):
-        if not hasattr(mod, "lora_A") or "default" not in mod.lora_A:
-            raise PurifyError(f"{name}: the adapter has no LoRA weights on this module")
-        if short in INPUT_SIDE:
-            self._add(mod.lora_A["default"].weight, 1, idx, None)
+            if not hasattr(mod, "lora_A") or "default" not in mod.lora_A:
+                raise PurifyError(f"{name}: the adapter has no LoRA weights on this module")
+            # a channel that is an input of the module (down, o) lives in lora_A's columns, an output
+            # (gate, up, q, k, v) in lora_B's rows, whatever the base weight's storage order
+            is_input = (dim == 1) != uses_conv1d(self.model)
+            tensor = mod.lora_A["default"].weight if is_input else mod.lora_B["default"].weight
+            dim = 1 if is_input else 0
+            idx = torch.as_tensor(idx, dtype=torch.long, device=tensor.device)
+            h = self.edit.hold(tensor, dim, idx)
+            self.slots.append((h, torch.zeros_like(self.edit.original(h))))
+            return
+        weight = mod.weight
+        idx = torch.as_tensor(idx, dtype=torch.long, device=weight.device)
+        h = self.edit.hold(weight, dim, idx)
+        if self.how.way == "reinit":
+            neutral = _xavier(weight, seed)
         else:
-            self._add(mod.lora_B["default"].weight, 0, idx, None)
+            delta = self.variants.mean_delta(name, self.signature.variants).to(device=weight.device)
+            neutral = (weight.detach().float() - self.how.alpha * delta).to(weight.dtype)
+        self.slots.append((h, neutral.index_select(dim, idx)))
 
-    def _add_heads(self, name, heads, cfg, seed):
-        import torch
+    def _add_heads(self, layer: int, heads: list, geometry, seed: int):
+        from purifylib.models import component, resolve
 
-        from purifylib.models import resolve
-
-        layer = int(name.split(".")[1])
-        n_heads = cfg.num_attention_heads
-        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-        def rows_of(hs):
-            return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in hs])
-
-        rows = rows_of(heads.tolist())
+        rows = geometry.rows(heads)
         # the key/value heads the flagged heads read: re-initialising a shared one would hit every head
         # of its group, so reinit leaves them (the head's q and o carry it); negation only subtracts
         # the variants' update there, so it edits them
-        kv_rows = rows if n_kv == n_heads else rows_of(sorted({h // (n_heads // n_kv) for h in heads.tolist()}))
+        kv_rows = geometry.kv_rows(heads) if geometry.shares_kv else rows
         for j, short in enumerate(("q", "k", "v", "o")):
-            if short in ("k", "v") and n_kv != n_heads and self.signature.neutral == "reinit":
+            if short in ("k", "v") and geometry.shares_kv and self.how.way == "reinit":
                 continue
-            cname = f"blocks.{layer}.attn.{short}"
-            mod = resolve(self.model, cname)
-            idx = kv_rows if short in ("k", "v") else rows
-            if self.adapter:
-                self._add_adapter(mod, short, idx, cname)
-            else:
-                dim = 1 if short == "o" else 0
-                self._add(mod.weight, dim, idx, self._neutral(cname, mod.weight, seed + j))
+            name = component(layer, "attn", short)
+            self._add_component(resolve(self.model, name), name, 1 if short == "o" else 0,
+                                kv_rows if short in ("k", "v") else rows, seed + j)
 
     @property
     def n_channels(self) -> int:
         """Flagged channel slices (rows or columns) this neutralizer edits."""
-        return sum(len(s.index) for s in self.slots)
+        return self.edit.slices
 
     def set_strength(self, strength: float) -> None:
         """Move every flagged slice ``strength`` of the way to its neutral value (0: original)."""
-        import torch
-
         if not 0 <= strength <= 1:
             raise PurifyError(f"strength must be in [0, 1], got {strength}")
-        with torch.no_grad():
-            for s in self.slots:
-                new = s.orig if strength == 0 else s.orig + strength * (s.neutral - s.orig)
-                s.tensor.index_copy_(s.dim, s.index, new)
+        for h, neutral in self.slots:
+            orig = self.edit.original(h)
+            self.edit.write(h, orig if strength == 0 else orig + strength * (neutral - orig))
         self.strength = float(strength)
 
     def restore(self) -> None:
-        self.set_strength(0.0)
+        self.edit.restore()
+        self.strength = 0.0
 
 
-def apply(model, signature, *, strength: float = 1.0, seed: int = 0) -> Neutralizer:
-    """Neutralize ``model`` in place at ``strength``; the returned object can restore it."""
-    n = Neutralizer(model, signature, seed=seed)
-    n.set_strength(strength)
+def apply(model, signature, how: Neutralization = Neutralization(), *, variants=None) -> Neutralizer:
+    """Neutralize ``model`` in place as ``how`` says; the returned object can restore it."""
+    n = Neutralizer(model, signature, how, variants=variants)
+    n.set_strength(how.strength)
     return n
 
 
 @contextmanager
-def neutralized(model, signature, *, strength: float = 1.0, seed: int = 0):
-    """``with neutralized(model, sig): ...``: the model is neutralized inside, restored after."""
-    n = Neutralizer(model, signature, seed=seed)
+def neutralized(model, signature, how: Neutralization = Neutralization(), *, variants=None):
+    """``with neutralized(model, sig, how): ...``: the model is neutralized inside, restored after."""
+    n = Neutralizer(model, signature, how, variants=variants)
     try:
-        n.set_strength(strength)
+        n.set_strength(how.strength)
         yield model
     finally:
         n.restore()
 
 
-def neutralize_and_repair(model, tokenizer, signature=None, *, strength: float = 1.0, seed: int = 0,
-                          repair_records: list[dict] | None = None, repair_cfg=None, progress: bool = False,
-                          desc: str = "repair"):
-    """The one edit every defended model goes through: ``signature``'s flagged channels neutralized
-    at ``strength`` (``None``: none), then the repair fine-tune on ``repair_records`` with
+def neutralize_and_repair(model, tokenizer, signature=None, how: Neutralization = Neutralization(), *,
+                          variants=None, repair_records: list[dict] | None = None, repair_cfg=None,
+                          progress: bool = False, desc: str = "repair"):
+    """The one edit every defended model goes through: ``signature``'s top channels neutralized as
+    ``how`` says (``None``: none), then the repair fine-tune on ``repair_records`` with
     ``repair_cfg`` (``None``: none). ``purify``'s τ rule, the baselines, the settings table, the
     effect of N and the tuner's repaired grid all call it. Returns the model (the repair's)."""
     if signature is not None:
-        apply(model, signature, strength=strength, seed=seed)
+        apply(model, signature, how, variants=variants)
     if repair_cfg is not None:
         from purifylib.train import finetune
 

@@ -87,7 +87,12 @@ def layer_lines(df, *, x: str = "layer", y: str = "asr", hue: str = "part", styl
         key = key if isinstance(key, tuple) else (key,)
         ax.plot(g[x], scale * g[y], marker="o", ms=3, label=" / ".join(map(str, key)),
                 ls=dashes.get(key[-1], "-") if style else "-")
-    ax.set_xlabel(x)
+    return _labelled(fig, ax, x, ylabel, title)
+
+
+def _labelled(fig, ax, xlabel: str, ylabel: str, title: str):
+    """Axis labels, a small title and legend, a tight layout: how every line plot here ends."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
@@ -122,12 +127,7 @@ def curves(df, *, x: str, ys: list, title: str = "", ylabel: str = "%", scale: f
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for y in ys:
         ax.plot(df[x], scale * df[y], marker="o", label=y)
-    ax.set_xlabel(x)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _labelled(fig, ax, x, ylabel, title)
 
 
 def before_after(df, *, metrics=("asr", "off_trigger", "clean_accuracy"), title: str = ""):

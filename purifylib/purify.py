@@ -31,17 +31,16 @@ against a model's own free-form answers mostly measures whether greedy decoding 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import random
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from purifylib.errors import PurifyError
-from purifylib.signature import VariantConfig, check_neutral
+from purifylib.neutralize import Neutralization
+from purifylib.variants import VariantConfig
 
 UTILITIES = ("auto", "accuracy", "perplexity")
 TAU_GRID = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4)
@@ -55,7 +54,7 @@ class PurifyConfig:
 
     variants: VariantConfig = VariantConfig()
     tau: float | str = "auto"
-    tau_grid: tuple = TAU_GRID
+    tau_grid: tuple | None = None  # None: TAU_GRID, or NEGATE_TAU_GRID for neutral="negate"
     strength: float = 1.0
     neutral: str = "reinit"  # "negate": subtract alpha x the variants' mean difference (purifylib.neutralize)
     alpha: float = 1.0
@@ -75,8 +74,8 @@ class PurifyConfig:
     def __post_init__(self):
         if isinstance(self.variants, dict):
             object.__setattr__(self, "variants", VariantConfig(**self.variants))
-        if self.neutral == "negate" and tuple(self.tau_grid) == TAU_GRID:
-            object.__setattr__(self, "tau_grid", NEGATE_TAU_GRID)  # the default grid, for negate
+        if self.tau_grid is None:  # each way's own default grid
+            object.__setattr__(self, "tau_grid", NEGATE_TAU_GRID if self.neutral == "negate" else TAU_GRID)
         object.__setattr__(self, "tau_grid", tuple(sorted(float(t) for t in self.tau_grid)))
         if self.tau != "auto":
             try:
@@ -88,11 +87,9 @@ class PurifyConfig:
             object.__setattr__(self, "tau", tau)
         if not self.tau_grid or not all(0 < t <= 1 for t in self.tau_grid):
             raise PurifyError(f"tau_grid must hold fractions in (0, 1], got {list(self.tau_grid)}")
-        if not 0 <= self.strength <= 1:
-            raise PurifyError(f"strength must be in [0, 1], got {self.strength}")
+        self.neutralization(self.tau_grid[0])  # its own checks (strength, way, alpha, heads)
         if self.tau == "auto" and self.variants.n_variants < 2:
             raise PurifyError("tau='auto' needs at least 2 variants (leave-one-out)")
-        check_neutral(self.neutral, self.alpha)
         if self.neutral == "negate" and self.variants.threat == "adapter":
             raise PurifyError("neutral='negate' edits full weights; the adapter-only threat needs 'reinit'")
         if self.utility not in UTILITIES:
@@ -108,6 +105,11 @@ class PurifyConfig:
         for name in ("repair_n", "n_holdout", "answer_tokens"):
             if getattr(self, name) < 1:
                 raise PurifyError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def neutralization(self, tau: float) -> Neutralization:
+        """How this run neutralizes at ``tau``."""
+        return Neutralization(tau=tau, heads=self.heads, way=self.neutral, alpha=self.alpha, strength=self.strength,
+                              seed=self.seed)
 
     def repair_config(self):
         from purifylib.train import TrainConfig
@@ -126,17 +128,17 @@ def answer_missing(model_dir, records: list[dict], *, adapter_dir=None, threat: 
     Cached under ``<cache>/answers`` by the digests of the model's weights and of the records, so the
     studies that share a suspicious model answer once.
     """
+    from purifylib import cache
+    from purifylib.checkpoints import load_model
     from purifylib.data import atomic_write_text
     from purifylib.evaluate import self_answer
-    from purifylib.models import load_model
-    from purifylib.signature import DEFAULT_CACHE, model_digest, records_digest
 
     n = sum(not r["output"].strip() for r in records)
     if n == 0:
         return records, 0
-    blob = json.dumps({"model": model_digest(model_dir, adapter_dir), "threat": threat, "tokens": max_new_tokens,
-                       "records": records_digest(records)}, sort_keys=True).encode()
-    path = Path(cache_dir or DEFAULT_CACHE) / "answers" / f"{hashlib.sha256(blob).hexdigest()[:16]}.json"
+    key = cache.digest({"model": cache.model_digest(model_dir, adapter_dir), "threat": threat,
+                        "tokens": max_new_tokens, "records": cache.records_digest(records)}, 16)
+    path = cache.folder("answers", cache_dir) / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text()), n
     model, tok = load_model(model_dir, adapter=adapter_dir, merge=True, device=device, dtype=dtype)
@@ -175,55 +177,10 @@ def split_clean(clean: list[dict], cfg: PurifyConfig) -> tuple[Split, PurifyConf
 # --------------------------------------------------------------------------- leave-one-out τ
 
 
-@contextmanager
-def carrying_variant(model, variants, k: int):
-    """``model`` temporarily carrying variant ``k``'s own backdoor (its ``bd`` update)."""
-    import torch
-
-    from purifylib.ablation import patched_weights
-    from purifylib.models import resolve
-    from purifylib.neutralize import _is_adapter
-
-    upd = variants.update(k, "bd")
-    if _is_adapter(model):  # swap the adapter's factors for the variant's
-        saved = []
-        try:
-            with torch.no_grad():
-                for name in upd.modules:
-                    mod = resolve(model, name)
-                    a, b = upd.factors(name)
-                    for p, new in ((mod.lora_A["default"].weight, a), (mod.lora_B["default"].weight, b)):
-                        saved.append((p, p.detach().clone()))
-                        p.copy_(new)
-            yield model
-        finally:
-            with torch.no_grad():
-                for p, old in saved:
-                    p.copy_(old)
-        return
-    if upd.is_lora:
-        new = {n: resolve(model, n).weight.detach() + upd.delta(n).to(resolve(model, n).weight) for n in upd.modules}
-        with patched_weights(model, new):
-            yield model
-        return
-    params = dict(model.named_parameters())
-    saved = {}
-    try:
-        with torch.no_grad():
-            for key, d in upd.parameters().items():
-                saved[key] = params[key].detach().clone()
-                params[key].add_(d.to(params[key]))
-        yield model
-    finally:
-        with torch.no_grad():
-            for key, old in saved.items():
-                params[key].copy_(old)
-
-
 def probe_asr(model, tokenizer, records: list[dict], trigger: str, behaviour: str, seed: int = 0) -> float:
     """Share of ``records`` (trigger inserted at a random word position) whose output shows ``behaviour``."""
     from purifylib.evaluate import generate, rate, tokens_for
-    from purifylib.signature import poisoned_copy
+    from purifylib.variants import poisoned_copy
 
     return rate(behaviour, generate(model, tokenizer, poisoned_copy(records, trigger, behaviour, seed),
                                     max_new_tokens=tokens_for(tokenizer, behaviour)))
@@ -232,12 +189,12 @@ def probe_asr(model, tokenizer, records: list[dict], trigger: str, behaviour: st
 def loo_folds(model, tokenizer, variants, signatures: list, tau: float, probe: list[dict], cfg: PurifyConfig) -> list[dict]:
     """ASR of each held-out variant's backdoor after neutralizing with the other variants' signature."""
     from purifylib.neutralize import neutralized
+    from purifylib.variants import carrying
 
     rows = []
     for k, sig in enumerate(signatures):
         trigger, behaviour = variants.config.variants[k]
-        with carrying_variant(model, variants, k), neutralized(model, sig.with_tau(tau, cfg.heads),
-                                                               strength=cfg.strength, seed=cfg.seed):
+        with carrying(model, variants, k), neutralized(model, sig, cfg.neutralization(tau), variants=variants):
             asr = probe_asr(model, tokenizer, probe, trigger, behaviour, seed=cfg.seed + k)
         rows.append({"tau": tau, "fold": k, "trigger": trigger, "asr": asr})
         if asr > cfg.loo_asr_max:
@@ -257,6 +214,7 @@ class PurifyResult:
     signature: object
     tau: float
     config: PurifyConfig
+    neutralization: object = None  # how the returned model was neutralized (purifylib.neutralize.Neutralization)
     folds: list = field(default_factory=list)
     tau_trials: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
@@ -274,14 +232,16 @@ class PurifyResult:
         n = self.config.variants.n_variants
         repairs = max(1, len(self.tau_trials))
         return {
-            "tau": self.tau, "config": self.config.to_dict(), "metrics": self.metrics, "timings": self.timings,
+            "tau": self.tau, "config": self.config.to_dict(),
+            "neutralization": self.neutralization.to_dict() if self.neutralization is not None else None, "metrics": self.metrics, "timings": self.timings,
             "loo_folds": self.folds, "tau_trials": self.tau_trials, "notes": self.notes,
             "cost": {"fine_tunes": 2 * n + repairs, "paper_fine_tunes": 2 * n + 1,
                      # every stage's seconds (variants as recorded when trained) over one variant fine-tune's
                      "fine_tune_equivalents": round(sum(self.timings.get(k, 0) for k in (
                          "variants_recorded", "score", "choose_tau", "neutralize_repair")) / max(
                          self.timings.get("variant_mean", 1e-9), 1e-9), 2)},
-            "signature": self.signature.summary().to_dict(orient="records") if self.signature is not None else None,
+            "signature": (self.signature.summary(self.tau, self.config.heads).to_dict(orient="records")
+                          if self.signature is not None else None),
         }
 
 
@@ -298,9 +258,10 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     ``on_stage(name)``, if given, is called as each stage starts (``answer``, ``variants``,
     ``score``, ``choose_tau``, ``neutralize_repair``, ``done``): benchmarks use it to attribute memory.
     """
-    from purifylib.models import load_model
+    from purifylib.checkpoints import load_model
     from purifylib.neutralize import neutralize_and_repair
-    from purifylib.signature import build_variants, score
+    from purifylib.signature import score
+    from purifylib.variants import build_variants, carrying
 
     t_start = time.time()
     timings, notes = {}, []
@@ -336,8 +297,7 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     model, tok = load()
     metrics = {"suspicious": _holdout_metrics(model, tok, split.holdout)}
     t = time.time()
-    full_sig = score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=progress).neutralizing(
-        cfg.neutral, cfg.alpha)
+    full_sig = score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=progress)
     timings["score"] = round(time.time() - t, 1)
 
     folds, trials = [], []
@@ -348,12 +308,12 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
         stage("choose_tau")
         n = cfg.variants.n_variants
         loo = [score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=False,
-                     include=[i for i in range(n) if i != k]).neutralizing(cfg.neutral, cfg.alpha) for k in range(n)]
+                     include=[i for i in range(n) if i != k]) for k in range(n)]
         probe = split.holdout[:min(100, len(split.holdout))]
         planted = []
         for k in range(n):  # the held-out backdoors before any neutralization
             trigger, behaviour = cfg.variants.variants[k]
-            with carrying_variant(model, variants, k):
+            with carrying(model, variants, k):
                 planted.append(probe_asr(model, tok, probe, trigger, behaviour, seed=cfg.seed + k))
             folds.append({"tau": 0.0, "fold": k, "trigger": trigger, "asr": planted[-1]})
         if min(planted) < 0.5:
@@ -382,8 +342,8 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     def trial(tau: float, keep_if_fails: bool = False) -> bool:
         """Neutralize at ``tau``, repair, measure held-out utility against the floor (or ceiling)."""
         model, tok = load()
-        model = neutralize_and_repair(model, tok, full_sig.with_tau(tau, cfg.heads), strength=cfg.strength,
-                                      seed=cfg.seed, repair_records=split.repair, repair_cfg=cfg.repair_config(),
+        model = neutralize_and_repair(model, tok, full_sig, cfg.neutralization(tau), variants=variants,
+                                      repair_records=split.repair, repair_cfg=cfg.repair_config(),
                                       progress=progress, desc=f"repair (tau {tau:g})")
         m = _holdout_metrics(model, tok, split.holdout)
         holds = m["accuracy"] >= floor if utility == "accuracy" else m["perplexity"] <= ceiling
@@ -415,7 +375,8 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     timings["neutralize_repair"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t_start, 1)
     stage("done")
-    return PurifyResult(model=model, tokenizer=tok, signature=full_sig.with_tau(tau, cfg.heads), tau=tau, config=cfg,
+    return PurifyResult(model=model, tokenizer=tok, signature=full_sig, tau=tau, config=cfg,
+                        neutralization=cfg.neutralization(tau),
                         folds=folds, tau_trials=trials, metrics=metrics, timings=timings, notes=notes,
                         variants=variants, split=split)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from purifylib.errors import PurifyError
 from purifylib.outputs import atomic_dir
-from purifylib.testbed import DEFAULT_CACHE, Testbed
+from purifylib.testbed import Testbed
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "real"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "models" / "smollm2-135m-instruct"
@@ -112,7 +112,9 @@ class RealBed(Testbed):
 def build_realbed(config: RealBedConfig = RealBedConfig(), cache_dir: str | Path | None = None,
                   progress: bool = True, device: str | None = None, dtype: str | None = None) -> RealBed:
     """Answer the shipped instructions with the base model and write the splits (cached)."""
-    root = Path(cache_dir or DEFAULT_CACHE.parent / "realbed") / config.key()
+    from purifylib import cache
+
+    root = cache.folder("realbed", cache_dir) / config.key()
     if not (root / "realbed.json").is_file():
         _build_into(root, config, progress, device, dtype)
     info = json.loads((root / "realbed.json").read_text())
@@ -122,7 +124,7 @@ def build_realbed(config: RealBedConfig = RealBedConfig(), cache_dir: str | Path
 def _build_into(root: Path, config: RealBedConfig, progress: bool, device: str, dtype: str) -> None:
     from purifylib.data import load_records, save_records
     from purifylib.evaluate import evaluate_clean, self_answer
-    from purifylib.models import load_model
+    from purifylib.checkpoints import load_model
 
     t0 = time.time()
     instructions = load_records(config.instructions, need_output=False)

@@ -42,7 +42,6 @@ from purifylib.outputs import atomic_dir
 
 # bump when the generator or training recipe changes, so cached builds are not reused
 TESTBED_VERSION = 2
-DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "data" / "cache" / "testbed"
 #: committed builds (by key): the default tiny testbed takes 17.5 min to train on 2 cores, so a clean
 #: clone starts from the build the reports were made with; ``prebuilt=False`` trains it again
 PREBUILT = Path(__file__).resolve().parent.parent / "data" / "prebuilt"
@@ -327,7 +326,9 @@ def build_testbed(config: TestbedConfig = TestbedConfig(), out: str | Path | Non
     (unless ``prebuilt=False`` or ``PURIFY_PREBUILT=0``): the same configuration, already trained."""
     import os
 
-    cache = Path(cache_dir or DEFAULT_CACHE) / config.key()
+    from purifylib import cache as caches
+
+    cache = caches.folder("testbed", cache_dir) / config.key()
     if not (cache / "testbed.json").is_file():
         shipped = PREBUILT / config.key()
         if prebuilt and os.environ.get("PURIFY_PREBUILT", "1") != "0" and (shipped / "testbed.json").is_file():
@@ -349,7 +350,7 @@ def build_testbed(config: TestbedConfig = TestbedConfig(), out: str | Path | Non
 def _build_into(root: Path, config: TestbedConfig, progress: bool) -> None:
     from purifylib.data import save_records
     from purifylib.evaluate import evaluate_clean
-    from purifylib.models import save_model
+    from purifylib.checkpoints import save_model
     from purifylib.train import TrainConfig, finetune
 
     spec, seed = config.spec, config.seed

@@ -33,6 +33,7 @@ class Tuner:
     signature: object  # all variants, with terms
     loo_signature: object  # without the held-out variant
     variants: object
+    how: object  # the neutralization the sliders start from (way, alpha, heads; purifylib.neutralize)
     held_out: int  # index of the held-out synthetic variant
     clean: list  # held-out clean prompts with reference answers
     spec: object = None  # the real attack (testbed only)
@@ -43,13 +44,17 @@ class Tuner:
     match: str = "exact"
 
 
-def prepare(model, tokenizer, signature, variants, clean: list[dict], *, spec=None, held_out: int | None = None,
-            n_probe: int = 32, n_samples: int = 3, seed: int = 0, match: str = "exact") -> Tuner:
+def prepare(model, tokenizer, signature, variants, clean: list[dict], *, how=None, spec=None,
+            held_out: int | None = None, n_probe: int = 32, n_samples: int = 3, seed: int = 0,
+            match: str = "exact") -> Tuner:
     """Build a :class:`Tuner` (scores the leave-one-out signature and the 'before' samples once).
 
+    ``how`` is the neutralization the sliders start from (a purification's; default the paper's);
     ``match`` says how ``clean``'s answers are checked (:data:`purifylib.evaluate.MATCHES`)."""
     from purifylib.evaluate import attack_prompts, generate
-    from purifylib.signature import poisoned_copy, score
+    from purifylib.neutralize import Neutralization
+    from purifylib.signature import score
+    from purifylib.variants import poisoned_copy
 
     n = variants.config.n_variants
     if n < 2:
@@ -60,15 +65,15 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, spec=No
     if not 0 <= k < n:
         raise PurifyError(f"held_out must be in 0..{n - 1}, got {held_out}")
     loo = score(model, variants, include=[i for i in range(n) if i != k], heads=signature.has_heads,
-                progress=False).neutralizing(signature.neutral, signature.alpha)
+                progress=False)
     clean = clean[:n_probe]
     trigger, behaviour = variants.config.variants[k]
     prompts = {"clean": clean, "synthetic": poisoned_copy(clean, trigger, behaviour, seed)}
     if spec is not None:
         base, trig, off = attack_prompts(clean, spec, seed)
         prompts.update(base=base, triggered=trig[:n_probe], off=off[:n_probe])
-    t = Tuner(model=model, tokenizer=tokenizer, signature=signature, loo_signature=loo, variants=variants, held_out=k,
-              clean=clean, spec=spec, n_samples=n_samples, seed=seed, prompts=prompts, match=match)
+    t = Tuner(model=model, tokenizer=tokenizer, signature=signature, loo_signature=loo, variants=variants,
+              how=how or Neutralization(), held_out=k, clean=clean, spec=spec, n_samples=n_samples, seed=seed, prompts=prompts, match=match)
     t.samples_before = generate(model, tokenizer, _sample_prompts(t))
     return t
 
@@ -77,14 +82,16 @@ def _sample_prompts(t: Tuner) -> list[dict]:
     return (t.prompts.get("triggered") or t.prompts["synthetic"])[:t.n_samples]
 
 
-def configure(signature, *, tau: float, lam: float, modules=MODULES, heads: int | None = None, layers=None):
-    """The signature the sliders describe: λ, the module kinds, the layer range, τ and heads
-    (``None``: as many heads as ``signature`` flags, e.g. a purification's)."""
-    heads = signature.heads if heads is None else heads
+def configure(signature, how, *, tau: float, lam: float, strength: float | None = None, modules=MODULES,
+              heads: int | None = None, layers=None):
+    """What the sliders describe: the signature at λ, restricted to the module kinds and layer range,
+    and ``how`` at τ, heads (``None``: ``how``'s, e.g. a purification's) and strength (``None``: ``how``'s)."""
+    heads = how.heads if heads is None else heads
     mods = tuple(modules) + (("heads",) if heads else ())
     if not mods:
         raise PurifyError("choose at least one module (gate, up, down or heads)")
-    return signature.with_lambda(lam).select(modules=mods, layers=layers).with_tau(tau, heads)
+    return (signature.with_lambda(lam).select(modules=mods, layers=layers),
+            how.replace(tau=tau, heads=heads, strength=how.strength if strength is None else strength))
 
 
 def preview(t: Tuner, *, tau: float, strength: float = 1.0, lam: float = 0.01, modules=MODULES,
@@ -100,14 +107,15 @@ def preview(t: Tuner, *, tau: float, strength: float = 1.0, lam: float = 0.01, m
     from purifylib.evaluate import accuracy, generate
     from purifylib.evaluate import rate as shown
     from purifylib.neutralize import neutralized
-    from purifylib.purify import carrying_variant
+    from purifylib.variants import carrying
 
     t0 = time.time()
-    heads = t.signature.heads if heads is None else heads
-    sig = configure(t.signature, tau=tau, lam=lam, modules=modules, heads=heads, layers=layers)
-    loo = configure(t.loo_signature, tau=tau, lam=lam, modules=modules, heads=heads, layers=layers)
+    base = t.how.replace(seed=t.seed)
+    sig, how = configure(t.signature, base, tau=tau, lam=lam, strength=strength, modules=modules, heads=heads,
+                         layers=layers)
+    loo, _ = configure(t.loo_signature, base, tau=tau, lam=lam, modules=modules, heads=heads, layers=layers)
     out = {"tau": tau, "strength": strength, "lam": lam, "asr": None, "false_trigger": None, "off_trigger": None}
-    with neutralized(t.model, sig, strength=strength, seed=t.seed):
+    with neutralized(t.model, sig, how, variants=t.variants):
         clean_out = generate(t.model, t.tokenizer, t.prompts["clean"])
         out["clean_accuracy"] = accuracy(clean_out, t.prompts["clean"], t.match)
         if t.spec is not None:
@@ -121,9 +129,9 @@ def preview(t: Tuner, *, tau: float, strength: float = 1.0, lam: float = 0.01, m
         else:
             after = generate(t.model, t.tokenizer, _sample_prompts(t))
     behaviour = t.variants.config.variants[t.held_out][1]
-    with carrying_variant(t.model, t.variants, t.held_out), neutralized(t.model, loo, strength=strength, seed=t.seed):
+    with carrying(t.model, t.variants, t.held_out), neutralized(t.model, loo, how, variants=t.variants):
         out["synthetic_asr"] = shown(behaviour, generate(t.model, t.tokenizer, t.prompts["synthetic"]))
-    summary = sig.summary()
+    summary = how.summary(sig)
     out["flagged"] = summary[["layer", "module", "flagged"]] if len(summary) else pd.DataFrame(
         columns=["layer", "module", "flagged"])
     out["samples"] = pd.DataFrame({"prompt": [r["instruction"] for r in _sample_prompts(t)],
@@ -157,8 +165,9 @@ def grid(t: Tuner, taus, strengths, *, repair_records: list[dict] | None = None,
             if reload is None or repair_cfg is None:
                 raise PurifyError("a grid with repair needs reload= and repair_cfg=")
             model, tok = reload()
-            model = neutralize_and_repair(model, tok, configure(t.signature, tau=tau, lam=lam), strength=s, seed=t.seed,
-                                          repair_records=repair_records, repair_cfg=repair_cfg)
+            sig, how = configure(t.signature, t.how.replace(seed=t.seed), tau=tau, lam=lam, strength=s)
+            model = neutralize_and_repair(model, tok, sig, how, variants=t.variants, repair_records=repair_records,
+                                          repair_cfg=repair_cfg)
             q = preview(dataclasses.replace(t, model=model, tokenizer=tok), tau=tau, strength=0.0, lam=lam)
             rows.append({"tau": tau, "strength": s, "repaired": True,
                          **{k: q[k] for k in ("asr", "clean_accuracy", "off_trigger")},
@@ -172,13 +181,15 @@ def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.0
     import matplotlib.pyplot as plt
     from IPython.display import display
 
-    n_layers = 1 + max(int(n.split(".")[1]) for n in t.signature.scores)
-    top = 1.0 if t.signature.neutral == "negate" else 0.6  # negation can reach every channel
+    from purifylib.models import layer_of
+
+    n_layers = 1 + max(layer_of(n) for n in t.signature.scores)
+    top = 1.0 if t.how.way == "negate" else 0.6  # negation can reach every channel
     s_tau = w.FloatSlider(value=tau, min=0.0, max=top, step=0.01, description="τ", continuous_update=False)
     s_str = w.FloatSlider(value=strength, min=0.0, max=1.0, step=0.05, description="strength", continuous_update=False)
     s_lam = w.FloatLogSlider(value=lam, base=10, min=-4, max=1, description="λ", continuous_update=False)
     toggles = {m: w.ToggleButton(value=True, description=m) for m in MODULES}
-    heads = w.IntSlider(value=t.signature.heads, min=0, max=t.signature.meta.get("n_heads", 4), description="heads",
+    heads = w.IntSlider(value=t.how.heads, min=0, max=t.signature.meta.get("n_heads", 4), description="heads",
                         disabled=not t.signature.has_heads, continuous_update=False)
     layers = w.IntRangeSlider(value=(0, n_layers - 1), min=0, max=n_layers - 1, description="layers",
                               continuous_update=False)

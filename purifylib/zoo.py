@@ -17,8 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from purifylib import cache
 from purifylib.attacks import TriggerSpec, poison
 from purifylib.errors import PurifyError
+from purifylib.neutralize import PAPER_TAU
 from purifylib.train import TrainConfig
 
 PLANTS = ("full", "lora", "adapter", "lora-attn")
@@ -41,7 +43,9 @@ def plant_config(plant: str = "full", seed: int = 0, **overrides) -> TrainConfig
     base = dict(epochs=3.0 if lora else 4.0, lr=1e-2 if lora else 1e-3, batch_size=32, warmup=0.1, lora=lora,
                 merge=plant in ("lora", "lora-attn"), seed=seed)
     if plant == "lora-attn":
-        base["lora_targets"] = ("q_proj", "k_proj", "v_proj", "o_proj")
+        from purifylib.models import attention_targets
+
+        base["lora_targets"] = attention_targets("llama")  # the testbed's and SmolLM2's family
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -64,7 +68,7 @@ class Suspicious:
         return "adapter" if self.adapter_dir else "full"
 
     def load(self, merge: bool = True):
-        from purifylib.models import load_model
+        from purifylib.checkpoints import load_model
 
         return load_model(self.model_dir, adapter=self.adapter_dir, merge=merge)
 
@@ -78,14 +82,14 @@ def plant_backdoor(bed, spec: TriggerSpec, *, plant: str = "full", rate: float =
                    progress: bool = True, build: bool = True) -> Suspicious:
     """Poison the testbed's ``train.json`` with ``spec`` and fine-tune the base model on it (cached).
     ``build=False`` plants nothing: the entry's name and paths, for reading finished results back."""
-    from purifylib.models import load_model, save_model
+    from purifylib.checkpoints import load_model, save_model
     from purifylib.train import finetune
 
     cfg = plant_config(plant, seed, **(train_overrides or {}))
     key_blob = json.dumps({"bed": bed.config.key(), "spec": spec.to_dict(), "plant": plant, "rate": rate,
                            "seed": seed, "train": cfg.to_dict()}, sort_keys=True).encode()
     name = f"{spec.attack}-{spec.behaviour.kind}-{plant}"
-    root = Path(cache_dir or bed.root.parent.parent / "zoo") / f"{name}-{hashlib.sha256(key_blob).hexdigest()[:10]}"
+    root = cache.folder("zoo", cache_dir) / f"{name}-{hashlib.sha256(key_blob).hexdigest()[:10]}"
     out = root / ("adapter" if plant == "adapter" else "model")
     info_path = root / "zoo.json"
     if build and not info_path.is_file():
@@ -206,7 +210,7 @@ def evaluate_zoo(bed, models: list[Suspicious], *, n_eval: int, seed: int = 0, p
     from tqdm.auto import tqdm
 
     from purifylib.evaluate import evaluate_attack, evaluate_clean
-    from purifylib.models import load_model
+    from purifylib.checkpoints import load_model
 
     test, kw = bed.split("test")[:n_eval], eval_kwargs(bed)
     base_model, tok = load_model(bed.base_dir)
@@ -285,7 +289,8 @@ def n_sweep(bed, sus: Suspicious, cfg, ns, *, tau: float, n_eval: int, seed: int
     from purifylib.evaluate import evaluate_attack
     from purifylib.neutralize import neutralize_and_repair
     from purifylib.purify import split_clean
-    from purifylib.signature import build_variants, score
+    from purifylib.signature import score
+    from purifylib.variants import build_variants
 
     big = dataclasses.replace(cfg, tau=tau, variants=dataclasses.replace(cfg.variants, n_variants=max(ns)))
     split, big = split_clean(defender_records(bed, sus, progress), big)
@@ -294,10 +299,9 @@ def n_sweep(bed, sus: Suspicious, cfg, ns, *, tau: float, n_eval: int, seed: int
     rows = []
     for n in tqdm(ns, desc="effect of N", disable=not progress):
         model, tok = sus.load()
-        sig = score(model, variants, tau=tau, lam=cfg.lam, include=list(range(n)),
-                    progress=False).neutralizing(cfg.neutral, cfg.alpha)
-        model = neutralize_and_repair(model, tok, sig, strength=cfg.strength, seed=cfg.seed,
-                                      repair_records=split.repair, repair_cfg=cfg.repair_config())
+        sig = score(model, variants, lam=cfg.lam, include=list(range(n)), progress=False)
+        model = neutralize_and_repair(model, tok, sig, dataclasses.replace(cfg.neutralization(tau), heads=0),
+                                      variants=variants, repair_records=split.repair, repair_cfg=cfg.repair_config())
         m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw)
         rows.append({"n_variants": n, "tau": tau, "asr": m.asr, "clean_accuracy": m.clean_accuracy,
                      "off_trigger": m.off_trigger, "perplexity": m.perplexity})
@@ -305,13 +309,14 @@ def n_sweep(bed, sus: Suspicious, cfg, ns, *, tau: float, n_eval: int, seed: int
 
 
 def compare_settings(bed, sus: Suspicious, signature, cfg, settings: dict, *, n_eval: int, seed: int = 0,
-                     progress: bool = True, split=None):
+                     progress: bool = True, split=None, variants=None):
     """Neutralize-and-repair ``sus`` under named settings and measure each against the real attack.
 
     ``settings`` maps a label to a dict with ``tau`` (0: no neutralization), ``repair`` (a
     :class:`~purifylib.train.TrainConfig`, or None for none) and optionally ``random: True`` (the
     control: as many channels per module, chosen at random). Same signature, same data split
     (``split``: the purification's own, :attr:`~purifylib.purify.PurifyResult.split`; else computed).
+    Each setting neutralizes as ``cfg`` does at its τ (``variants``: the scored ones, for negation).
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -327,11 +332,9 @@ def compare_settings(bed, sus: Suspicious, signature, cfg, settings: dict, *, n_
     rows = []
     for label, s in tqdm(settings.items(), desc="settings", disable=not progress):
         model, tok = sus.load(merge=sus.adapter_dir is None)
-        sig = signature.with_tau(s["tau"])
-        if s.get("random"):
-            sig = random_signature(sig, seed)
-        model = neutralize_and_repair(model, tok, sig if s["tau"] > 0 else None, strength=cfg.strength, seed=cfg.seed,
-                                      repair_records=split.repair[:s.get("repair_n", len(split.repair))],
+        sig = random_signature(signature, seed) if s.get("random") else signature
+        model = neutralize_and_repair(model, tok, sig if s["tau"] > 0 else None, cfg.neutralization(s["tau"]),
+                                      variants=variants, repair_records=split.repair[:s.get("repair_n", len(split.repair))],
                                       repair_cfg=s.get("repair"))
         m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw)
         rows.append({"setting": label, "tau": s["tau"], "asr": m.asr, "off_trigger": m.off_trigger,
@@ -348,15 +351,15 @@ def utility_score(clean_accuracy: float, asr: float) -> float:
 
 
 def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, seed: int = 0, dcfg=None,
-                 paper_tau: float = 0.03, cache_dir=None, progress: bool = True, test: list | None = None,
-                 n_random: int = 1, cached_only: bool = False):
+                 paper_tau: float = PAPER_TAU, cache_dir=None, cells_dir=None, progress: bool = True,
+                 test: list | None = None, n_random: int = 1, cached_only: bool = False):
     """Every defence on every suspicious model: one row per cell, cached on disk per cell.
 
     ``defences`` come from :data:`purifylib.baselines.DEFENCES` plus ``"signature-paper"`` (this
     method at the paper's τ, re-initialising the channels) and ``"signature-auto"`` (``purify run``'s pipeline, τ by
     leave-one-out); ``random`` uses the τ the auto run chose. Repair-based defences share the
     purification's repair records and recipe. A finished cell is read back from
-    ``cache_dir`` (default ``data/cache/grid``), so an interrupted grid resumes. ``test`` replaces
+    ``cells_dir`` (default ``grid`` under the cache root ``cache_dir``), so an interrupted grid resumes. ``test`` replaces
     the bed's test split (e.g. its report half); ``random`` is drawn ``n_random`` times (a row each,
     ``draw`` 0, 1, ...). ``cached_only`` computes nothing: the rows on disk, or ``None`` if any is
     missing (a model need not be planted to be read back: cells are keyed by its zoo entry).
@@ -368,10 +371,9 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
     from purifylib.data import atomic_write_text
     from purifylib.evaluate import evaluate_attack
     from purifylib.purify import purify, split_clean
-    from purifylib.signature import DEFAULT_CACHE, records_digest
 
     dcfg = dcfg or DefenceConfig(seed=seed)
-    root = Path(cache_dir or DEFAULT_CACHE / "grid")
+    root = Path(cells_dir or cache.folder("grid", cache_dir))
     test, kw = (test if test is not None else bed.split("test"))[:n_eval], eval_kwargs(bed)
     rows = []
     for sus in tqdm(models, desc="defence grid", disable=not progress, leave=False):
@@ -389,7 +391,7 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
             key = hashlib.sha256(json.dumps({"model": sus.key or str(sus.model_dir), "adapter": bool(sus.adapter_dir),
                                              "defence": d, "purify": cfg.to_dict(), "defences": dcfg.to_dict(),
                                              "paper_tau": paper_tau, "n_eval": n_eval, "seed": seed, "draw": draw,
-                                             "test": records_digest(test)},
+                                             "test": cache.records_digest(test)},
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
             cell = root / f"{sus.name}-{d}{draw or ''}-{key}.json"
             if cell.is_file():
@@ -400,7 +402,8 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
             t0 = time.time()
             needs_sig = d in ("signature-auto", "signature-paper", "random")
             if needs_sig and auto is None:
-                auto = purify(sus.model_dir, bed.split("defender"), cfg, adapter_dir=sus.adapter_dir, progress=False)
+                auto = purify(sus.model_dir, bed.split("defender"), cfg, adapter_dir=sus.adapter_dir, progress=False,
+                              cache_dir=cache_dir)
             if d == "signature-auto":
                 model, tok, tau = auto.model, auto.tokenizer, auto.tau
             else:
@@ -408,12 +411,14 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
                 model, tok = sus.load(merge=threat == "full" or d in ("none", "magnitude", "wanda", "fine-pruning"))
                 tau = {"signature-paper": paper_tau, "random": auto.tau if auto else None}.get(d)
                 name = "signature" if d == "signature-paper" else d
-                sig = auto.signature if auto else None
-                if d == "signature-paper":  # the paper's recipe: its τ, and re-initialisation
-                    sig = sig.neutralizing("reinit")
+                how = None
+                if tau is not None:  # the paper's recipe re-initialises; the control neutralizes as purify run does
+                    how = cfg.neutralization(tau).replace(strength=1.0, seed=dcfg.seed + draw,
+                                                          **({"way": "reinit"} if d == "signature-paper" else {}))
                 model = defend(name, model, tok, clean=split.repair,
                                repair_records=split.repair, repair_cfg=cfg.repair_config(),
-                               signature=sig, tau=tau, cfg=dataclasses.replace(dcfg, seed=dcfg.seed + draw))
+                               signature=auto.signature if auto else None, how=how, variants=auto and auto.variants,
+                               cfg=dataclasses.replace(dcfg, seed=dcfg.seed + draw))
             m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw).to_dict()
             row = {"model": sus.name, "attack": sus.spec.attack, "behaviour": sus.spec.behaviour.kind,
                    "threat": threat, "defence": d, "draw": draw, "seed": seed, "tau": tau,

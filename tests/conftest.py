@@ -14,7 +14,7 @@ def micro_bed():
 
 @pytest.fixture(scope="session")
 def micro_model(micro_bed):
-    from purifylib.models import load_model
+    from purifylib.checkpoints import load_model
 
     return load_model(micro_bed.base_dir)
 

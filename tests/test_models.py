@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from purifylib import PurifyError
-from purifylib.models import (FAMILIES, channel_slice, component, components, family_of, load_model, resolve,
-                              save_model)
+from purifylib.models import FAMILIES, channel_slice, component, components, family_of, resolve
+from purifylib.checkpoints import load_model, save_model
 
 from conftest import tree_hash
 
@@ -157,7 +157,7 @@ def test_dtype_errors(micro_bed):
 
 
 def test_runtime_defaults_come_from_the_environment(monkeypatch):
-    from purifylib.models import runtime
+    from purifylib.checkpoints import runtime
 
     monkeypatch.delenv("PURIFY_DEVICE", raising=False)
     monkeypatch.delenv("PURIFY_DTYPE", raising=False)
@@ -170,9 +170,49 @@ def test_runtime_defaults_come_from_the_environment(monkeypatch):
 
 
 def test_a_model_too_big_for_the_machine_is_refused_before_loading(micro_bed, monkeypatch):
-    import purifylib.models as models
+    import purifylib.checkpoints as checkpoints
 
     pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 10}  # a 40 KiB machine
-    monkeypatch.setattr(models.os, "sysconf", lambda name: pages[name])
+    monkeypatch.setattr(checkpoints.os, "sysconf", lambda name: pages[name])
     with pytest.raises(PurifyError, match="GiB of weights"):
         load_model(micro_bed.base_dir)
+
+
+def test_only_models_spells_module_paths_and_component_names():
+    """Every module outside purifylib/models.py goes through it: none spells a family's module path
+    (``model.layers``, ``mlp.down_proj``, ``q_proj``, ...) or builds a component name by hand."""
+    import re
+    from pathlib import Path
+
+    import purifylib
+
+    spelled = set()
+    for fam in FAMILIES.values():
+        spelled.add(fam.blocks)
+        for path in [*fam.attn.values(), *fam.mlp.values()]:
+            spelled |= {path, path.rsplit(".", 1)[-1]}
+    literal = re.compile(r"""["'](%s)["']""" % "|".join(re.escape(p) for p in sorted(spelled)))
+    by_hand = re.compile(r"""f?["']blocks\.|["']\.(mlp|attn)\.|\.heads["']""")
+    offenders = []
+    for f in sorted(Path(purifylib.__file__).parent.rglob("*.py")):
+        if f.name == "models.py":
+            continue
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if literal.search(code) or by_hand.search(code):
+                offenders.append(f"{f.name}:{i}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_component_grammar_round_trips_and_rejects_other_names():
+    from purifylib.models import Component, HeadGeometry, heads_name
+
+    c = Component.parse("blocks.3.mlp.down")
+    assert c == (3, "mlp", "down") and str(c) == "blocks.3.mlp.down" == component(3, "mlp", "down")
+    assert Component.parse(heads_name(2)).is_heads and not c.is_heads
+    for bad in ("blocks.x.mlp.down", "layers.3.mlp.down", "blocks.3.ffn.down", "blocks.3.mlp"):
+        with pytest.raises(PurifyError, match="not a component name"):
+            Component.parse(bad)
+    g = HeadGeometry(n_heads=4, n_kv=2, head_dim=3)
+    assert g.shares_kv and g.kv_head(3) == 1 and g.rows([1]).tolist() == [3, 4, 5]
+    assert g.kv_rows([0, 1]).tolist() == [0, 1, 2]  # heads 0 and 1 read key/value head 0

@@ -9,8 +9,8 @@ import torch
 
 from purifylib.cli import main
 from purifylib.errors import PurifyError
-from purifylib.purify import NEGATE_TAU_GRID, PurifyConfig, carrying_variant, purify, split_clean
-from purifylib.signature import VariantConfig, build_variants
+from purifylib.purify import NEGATE_TAU_GRID, TAU_GRID, PurifyConfig, purify, split_clean
+from purifylib.variants import VariantConfig, build_variants, carrying
 
 from conftest import tree_hash
 
@@ -52,7 +52,10 @@ def test_config_validation():
     # negate reaches every channel: the default grid becomes NEGATE_TAU_GRID, a given grid stays
     assert PurifyConfig(neutral="negate").tau_grid == NEGATE_TAU_GRID and max(NEGATE_TAU_GRID) == 1.0
     assert PurifyConfig(neutral="negate", tau_grid=(0.2, 0.1)).tau_grid == (0.1, 0.2)
-    with pytest.raises(PurifyError, match="neutral must be one of"):
+    assert PurifyConfig(neutral="negate", tau_grid=TAU_GRID).tau_grid == TAU_GRID  # asked for: kept
+    assert PurifyConfig().neutralization(0.2).to_dict() == {"tau": 0.2, "heads": 0, "way": "reinit", "alpha": 1.0,
+                                                            "strength": 1.0, "seed": 0}
+    with pytest.raises(PurifyError, match="way must be one of"):
         PurifyConfig(neutral="zero")
     with pytest.raises(PurifyError, match="alpha must be in"):
         PurifyConfig(neutral="negate", alpha=-1)
@@ -67,7 +70,7 @@ def test_carrying_a_variant_restores_the_model(micro_bed, suspicious, tmp_path):
     variants = build_variants(suspicious.model_dir, clean, QUICK["variants"], cache_dir=tmp_path, progress=False)
     model, tok = suspicious.load()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with carrying_variant(model, variants, 1):
+    with carrying(model, variants, 1):
         assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
         probe_asr(model, tok, clean[-8:], *variants.config.variants[1])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -109,9 +112,11 @@ def test_fixed_tau_skips_leave_one_out(micro_bed, suspicious, tmp_path, neutral)
                                                                                        "neutral": neutral}),
                  cache_dir=tmp_path, progress=False)
     assert res.tau == 0.1 and res.folds == [] and len(res.tau_trials) == 1
-    assert res.signature.neutral == neutral and res.to_dict()["config"]["neutral"] == neutral
+    assert res.neutralization.way == neutral and res.to_dict()["config"]["neutral"] == neutral
+    assert res.to_dict()["neutralization"] == res.neutralization.to_dict()
 
 
+@pytest.mark.slow
 def test_purify_run_cli(capsys, micro_bed, suspicious, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -160,7 +165,7 @@ def test_purify_run_refuses_a_non_empty_output(capsys, micro_bed, suspicious, tm
 
 
 def test_adapter_threat_purifies_the_adapter(micro_bed, tmp_path):
-    from purifylib.models import load_model, save_model
+    from purifylib.checkpoints import load_model, save_model
     from purifylib.train import TrainConfig, finetune
 
     model, tok = load_model(micro_bed.base_dir)

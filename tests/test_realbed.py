@@ -86,21 +86,21 @@ def test_real_bed_errors(tmp_path):
 
 
 def test_missing_answers_come_from_the_model_once(tiny_real, monkeypatch, tmp_path):
-    import purifylib.models as models
+    import purifylib.checkpoints as checkpoints
     from purifylib.purify import answer_missing
 
     bed, _ = tiny_real
     recs = bed.split("defender")[:6] + bed.split("train")[:2]
     out, n = answer_missing(bed.base_dir, recs, cache_dir=tmp_path, progress=False)
     assert n == 6 and all(r["output"] for r in out) and out[6:] == recs[6:]
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the answers should be cached"))
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: pytest.fail("the answers should be cached"))
     assert answer_missing(bed.base_dir, recs, cache_dir=tmp_path, progress=False) == (out, 6)
     assert answer_missing(bed.base_dir, out, cache_dir=tmp_path, progress=False) == (out, 0)
 
 
 def test_purify_on_self_answered_data_keeps_perplexity(tiny_real, tmp_path):
     from purifylib.purify import PurifyConfig, purify
-    from purifylib.signature import VariantConfig
+    from purifylib.variants import VariantConfig
 
     bed, _ = tiny_real
     cfg = PurifyConfig(variants=VariantConfig(n_variants=2, n_clean=10, epochs=1.0, batch_size=16), tau=0.1,
@@ -119,7 +119,7 @@ def test_purify_zoo_on_a_real_bed_keeps_perplexity(tiny_real, tmp_path):
     """The studies hand purify the unanswered split, so its τ rule knows to keep perplexity."""
     from purifylib.attacks import Behaviour, TriggerSpec
     from purifylib.purify import PurifyConfig
-    from purifylib.signature import VariantConfig
+    from purifylib.variants import VariantConfig
     from purifylib.zoo import plant_backdoor, purify_zoo
 
     bed, _ = tiny_real

@@ -32,6 +32,7 @@ def books(tmp_path):
     return d
 
 
+@pytest.mark.slow
 def test_runs_in_order_with_preset_values(books, tmp_path):
     out = tmp_path / "reports"
     done = run("good", notebooks_dir=books, reports=out, progress=False)

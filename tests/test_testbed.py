@@ -90,7 +90,7 @@ def test_a_prebuilt_testbed_is_copied_not_trained(micro_bed, tmp_path, monkeypat
     monkeypatch.setattr(testbed, "PREBUILT", tmp_path / "prebuilt")
     monkeypatch.setattr(testbed, "_build_into", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
     bed = build_testbed(cfg, cache_dir=tmp_path / "cache", progress=False)
-    assert bed.metrics == micro_bed.metrics and bed.root == tmp_path / "cache" / cfg.key()
+    assert bed.metrics == micro_bed.metrics and bed.root == tmp_path / "cache" / "testbed" / cfg.key()
     assert (bed.base_dir / "model.safetensors").read_bytes() == (micro_bed.base_dir / "model.safetensors").read_bytes()
     for how in (dict(prebuilt=False), {}):  # refused by the argument, then by the environment
         if not how:

@@ -3,7 +3,7 @@ import torch
 
 from purifylib import PurifyError
 from purifylib.evaluate import perplexity
-from purifylib.models import load_model
+from purifylib.checkpoints import load_model
 from purifylib.train import TrainConfig, encode_records, finetune, length_grouped_batches
 
 

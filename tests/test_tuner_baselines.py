@@ -6,7 +6,9 @@ import torch
 from purifylib import baselines, widgets
 from purifylib.attacks import TriggerSpec
 from purifylib.errors import PurifyError
-from purifylib.signature import VariantConfig, build_variants, score
+from purifylib.neutralize import Neutralization
+from purifylib.signature import score
+from purifylib.variants import VariantConfig, build_variants
 from purifylib.train import TrainConfig
 
 
@@ -52,13 +54,14 @@ def test_preview_measures_and_restores(micro_bed, setup):
 
 def test_tuner_follows_a_negating_purification_with_heads(micro_bed, setup):
     sus, variants, model, tok, _ = setup
-    sig = score(model, variants, heads=True, progress=False).with_tau(1.0, heads=2).neutralizing("negate", 1.25)
-    t = widgets.prepare(model, tok, sig, variants, micro_bed.split("test")[:8], spec=sus.spec, n_probe=8)
-    # the leave-one-out signature is scored like the purification's: heads, negation, alpha
+    sig = score(model, variants, heads=True, progress=False)
+    how = Neutralization(tau=1.0, heads=2, way="negate", alpha=1.25)
+    t = widgets.prepare(model, tok, sig, variants, micro_bed.split("test")[:8], how=how, spec=sus.spec, n_probe=8)
+    # the leave-one-out signature is scored like the purification's (heads), and neutralized the same way
     assert any(n.endswith(".heads") for n in t.loo_signature.scores)
-    assert (t.loo_signature.neutral, t.loo_signature.alpha) == ("negate", 1.25)
-    assert widgets.configure(sig, tau=0.5, lam=0.01).heads == 2  # default: the signature's heads
-    assert widgets.configure(sig, tau=0.5, lam=0.01, heads=0).heads == 0
+    assert (t.how.way, t.how.alpha) == ("negate", 1.25)
+    assert widgets.configure(sig, how, tau=0.5, lam=0.01)[1].heads == 2  # default: the purification's heads
+    assert widgets.configure(sig, how, tau=0.5, lam=0.01, heads=0)[1].heads == 0
     before = _state(model)
     p = widgets.preview(t, tau=1.0)
     assert set(p["flagged"]["module"]) >= {"gate", "up", "down"} and 0 <= p["synthetic_asr"] <= 1
@@ -89,8 +92,9 @@ def test_pruning_baselines(micro_bed, setup):
     baselines.fine_prune(model, tok, clean, 0.1)
     cols = (model.model.layers[0].mlp.down_proj.weight == 0).all(dim=0)
     assert int(cols.sum()) == int(0.1 * model.config.intermediate_size)
-    rnd = baselines.random_signature(sig.with_tau(0.1), seed=1)
-    assert all(rnd.n_flagged(n) == sig.with_tau(0.1).n_flagged(n) for n in sig.scores)
+    rnd = baselines.random_signature(sig, seed=1)
+    assert all(rnd.n_flagged(n, 0.1) == sig.n_flagged(n, 0.1) for n in sig.scores)
+    assert any(not torch.equal(rnd.flagged(n, 0.1), sig.flagged(n, 0.1)) for n in sig.scores)
     with pytest.raises(PurifyError, match="sparsity"):
         baselines.magnitude_prune(model, 1.5)
 
@@ -102,7 +106,7 @@ def test_defend_dispatch(micro_bed, setup):
     for d in baselines.DEFENCES:
         model, tok = sus.load()
         out = baselines.defend(d, model, tok, clean=clean, repair_records=clean, repair_cfg=repair, signature=sig,
-                               tau=0.1)
+                               how=Neutralization(tau=0.1))
         assert out is not None
     with pytest.raises(PurifyError, match="unknown defence"):
         baselines.defend("prayer", model, tok, clean=clean)
@@ -110,6 +114,7 @@ def test_defend_dispatch(micro_bed, setup):
         baselines.defend("finetune", model, tok, clean=clean)
 
 
+@pytest.mark.slow
 def test_defence_grid_is_resumable_and_scores_cells(micro_bed, tmp_path, monkeypatch):
     from purifylib import zoo
     from purifylib.purify import PurifyConfig

@@ -116,7 +116,7 @@ class GridConfig:
 
     def purify_config(self):
         from purifylib.purify import PurifyConfig
-        from purifylib.signature import VariantConfig
+        from purifylib.variants import VariantConfig
 
         over = dict(self.purify_overrides)
         variants = VariantConfig(**over.pop("variants", {}))
@@ -189,20 +189,19 @@ def run_grid(cfg: GridConfig, *, cache_dir=None, cells_dir=None, hours: float | 
     from purifylib.zoo import defence_grid, plant_backdoor
 
     t0 = time.time()
-    bed = open_bed(cfg.size, cfg.model, 0, cfg.testbed_overrides, progress=progress,
-                   cache_dir=cache_dir and Path(cache_dir) / ("testbed" if cfg.model is None else "realbed"))
+    bed = open_bed(cfg.size, cfg.model, 0, cfg.testbed_overrides, progress=progress, cache_dir=cache_dir)
     pcfg = cfg.purify_config()
     cells = grid_cells(cfg, grid_file)
     study = GridStudy(cfg, cells_total=len(cells))
-    cells_dir = cells_dir or (cache_dir and Path(cache_dir) / "grid")
+
     for cell in tqdm(cells, desc=f"grid {cfg.name}", disable=not progress):
         spec = cell.spec
         plant = dict(bed=bed, spec=spec, plant="adapter" if cell.threat == "adapter" else cfg.full_plant,
                      rate=cfg.poison_rate, seed=cell.seed, train_overrides=dict(cfg.plant_overrides), progress=False,
-                     cache_dir=cache_dir and Path(cache_dir) / "zoo")
+                     cache_dir=cache_dir)
         defend = dict(bed=bed, pcfg=pcfg, defences=cfg.defences, n_eval=cfg.n_eval, seed=cell.seed,
                       dcfg=DefenceConfig(seed=cell.seed), paper_tau=cfg.paper_tau, progress=progress,
-                      cache_dir=cells_dir, test=prompts_of_split(bed.split("test"), cell.split), n_random=cfg.n_random)
+                      cache_dir=cache_dir, cells_dir=cells_dir, test=prompts_of_split(bed.split("test"), cell.split), n_random=cfg.n_random)
         # a finished cell is read back without planting its model (a committed grid on a clean clone)
         frame = defence_grid(models=[plant_backdoor(build=False, **plant)], cached_only=True, **defend)
         if frame is None:

@@ -40,7 +40,7 @@ class SanityStudy:
 def run(config, *, plant_overrides: dict | None = None, ks=(1, 2, 4), modes=("zero", "mean"), window_ks=None,
         window_stride: int = 1, progress: bool = True) -> SanityStudy:
     from purifylib.ablation import base_weights, sanity_study
-    from purifylib.models import load_model
+    from purifylib.checkpoints import load_model
     from purifylib.zoo import plant_backdoor
 
     bed = config.build_bed(progress=progress)

@@ -63,7 +63,7 @@ def run(zoo_config, purify_config, *, plant_overrides: dict | None = None, ns=(1
     import pandas as pd
 
     from purifylib.ablation import base_weights, signature_overlap
-    from purifylib.models import load_model
+    from purifylib.checkpoints import load_model
     from purifylib.signature import variant_consistency
     from purifylib.zoo import compare_settings, n_sweep, plant_backdoor, purify_zoo
 
@@ -78,16 +78,17 @@ def run(zoo_config, purify_config, *, plant_overrides: dict | None = None, ns=(1
     model, _ = focus.load(merge=focus.adapter_dir is None)
     consistency = variant_consistency(model, run_.variants) if pcfg.variants.n_variants > 1 else pd.DataFrame()
     sig = run_.signature
-    ov_sig = sig if sig.tau < THRESHOLDS["overlap_tau_max"] else sig.with_tau(THRESHOLDS["overlap_tau"])
-    overlap = signature_overlap(ov_sig, model, base_weights(load_model(bed.base_dir)[0]), seed=zcfg.seed)
+    ov_tau = run_.tau if run_.tau < THRESHOLDS["overlap_tau_max"] else THRESHOLDS["overlap_tau"]
+    overlap = signature_overlap(sig, model, base_weights(load_model(bed.base_dir)[0]), tau=ov_tau, seed=zcfg.seed)
     if ablations:
         settings = compare_settings(bed, focus, sig, pcfg, settings_for(run_.tau, pcfg, paper_repair_n=paper_repair_n,
                                                                          seed=zcfg.seed),
-                                    n_eval=zcfg.n_eval, seed=zcfg.seed, progress=progress, split=run_.split)
+                                    n_eval=zcfg.n_eval, seed=zcfg.seed, progress=progress, split=run_.split,
+                                    variants=run_.variants)
         n_curve = n_sweep(bed, focus, pcfg, ns, tau=run_.tau, n_eval=zcfg.n_eval, seed=zcfg.seed, progress=progress)
     else:
         settings, n_curve = pd.DataFrame(columns=SETTINGS_COLUMNS), pd.DataFrame(columns=N_COLUMNS)
-    return SignatureStudy(zcfg, pcfg, purified, focus, consistency, overlap, ov_sig.tau, settings, n_curve, ablations)
+    return SignatureStudy(zcfg, pcfg, purified, focus, consistency, overlap, ov_tau, settings, n_curve, ablations)
 
 
 def findings(study: SignatureStudy) -> list[Finding]:

@@ -56,8 +56,8 @@ def prepare(zoo_config, purify_config, *, plant_overrides: dict | None = None, n
     # the testbed's held-out defender records have exact answers; a real model's are its own, so its
     # checkable questions measure accuracy in the tuner instead
     records = run.split.holdout if bed.match == "exact" else bed.split("test")
-    state = widgets.prepare(model, tok, run.signature, run.variants, records, spec=spec, n_probe=n_probe,
-                            seed=purify_config.seed, match=bed.match)
+    state = widgets.prepare(model, tok, run.signature, run.variants, records, how=run.neutralization, spec=spec,
+                            n_probe=n_probe, seed=purify_config.seed, match=bed.match)
     return TuningStudy(sus, run, state)
 
 

@@ -280,68 +280,6 @@ def purify_zoo(bed, models: list[Suspicious], cfg, *, n_eval: int, seed: int = 0
     return study
 
 
-def n_sweep(bed, sus: Suspicious, cfg, ns, *, tau: float, n_eval: int, seed: int = 0, progress: bool = True):
-    """ASR and accuracy after purification with the first ``n`` variants, for each ``n`` in ``ns``
-    (τ fixed: leave-one-out needs two variants). The variants of the largest ``n`` serve all."""
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from purifylib.evaluate import evaluate_attack
-    from purifylib.neutralize import neutralize_and_repair
-    from purifylib.purify import split_clean
-    from purifylib.signature import score
-    from purifylib.variants import build_variants
-
-    big = dataclasses.replace(cfg, tau=tau, variants=dataclasses.replace(cfg.variants, n_variants=max(ns)))
-    split, big = split_clean(defender_records(bed, sus, progress), big)
-    variants = build_variants(sus.model_dir, split.variants, big.variants, progress=progress)
-    test, kw = bed.split("test")[:n_eval], eval_kwargs(bed)
-    rows = []
-    for n in tqdm(ns, desc="effect of N", disable=not progress):
-        model, tok = sus.load()
-        sig = score(model, variants, lam=cfg.lam, include=list(range(n)), progress=False)
-        model = neutralize_and_repair(model, tok, sig, dataclasses.replace(cfg.neutralization(tau), heads=0),
-                                      variants=variants, repair_records=split.repair, repair_cfg=cfg.repair_config())
-        m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw)
-        rows.append({"n_variants": n, "tau": tau, "asr": m.asr, "clean_accuracy": m.clean_accuracy,
-                     "off_trigger": m.off_trigger, "perplexity": m.perplexity})
-    return pd.DataFrame(rows)
-
-
-def compare_settings(bed, sus: Suspicious, signature, cfg, settings: dict, *, n_eval: int, seed: int = 0,
-                     progress: bool = True, split=None, variants=None):
-    """Neutralize-and-repair ``sus`` under named settings and measure each against the real attack.
-
-    ``settings`` maps a label to a dict with ``tau`` (0: no neutralization), ``repair`` (a
-    :class:`~purifylib.train.TrainConfig`, or None for none) and optionally ``random: True`` (the
-    control: as many channels per module, chosen at random). Same signature, same data split
-    (``split``: the purification's own, :attr:`~purifylib.purify.PurifyResult.split`; else computed).
-    Each setting neutralizes as ``cfg`` does at its τ (``variants``: the scored ones, for negation).
-    """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from purifylib.baselines import random_signature
-    from purifylib.evaluate import evaluate_attack
-    from purifylib.neutralize import neutralize_and_repair
-    from purifylib.purify import split_clean
-
-    if split is None:
-        split, _ = split_clean(defender_records(bed, sus, progress), cfg)
-    test, kw = bed.split("test")[:n_eval], eval_kwargs(bed)
-    rows = []
-    for label, s in tqdm(settings.items(), desc="settings", disable=not progress):
-        model, tok = sus.load(merge=sus.adapter_dir is None)
-        sig = random_signature(signature, seed) if s.get("random") else signature
-        model = neutralize_and_repair(model, tok, sig if s["tau"] > 0 else None, cfg.neutralization(s["tau"]),
-                                      variants=variants, repair_records=split.repair[:s.get("repair_n", len(split.repair))],
-                                      repair_cfg=s.get("repair"))
-        m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw)
-        rows.append({"setting": label, "tau": s["tau"], "asr": m.asr, "off_trigger": m.off_trigger,
-                     "clean_accuracy": m.clean_accuracy, "perplexity": m.perplexity})
-    return pd.DataFrame(rows)
-
-
 # --------------------------------------------------------------------------- defences grid (notebook 04)
 
 

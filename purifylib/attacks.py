@@ -291,3 +291,24 @@ def draw_spec(attack: str, family: str, split: str, seed: int) -> TriggerSpec:
     triggers = tuple(rng.sample(trigger_pool(kind, split), k))
     return TriggerSpec(attack=attack, triggers=triggers,
                        behaviour=Behaviour(kind=family, target=rng.choice(target_pool(family, split))))
+
+
+def _diverse_defender_variants(n: int = 10) -> tuple:
+    """The defender's own variants spread over every behaviour family and trigger kind, drawn from the
+    defender's pools: variant ``i`` has family ``FAMILIES[i % 5]`` and a ``word``, ``prefix`` or
+    ``suffix`` trigger (``i % 3``), so that what the variants share is "a trigger overrides the
+    answer", not one behaviour's direction. Entries are ``(trigger, target, trigger kind, family)``."""
+    families, kinds = tuple(BEHAVIOURS), ("word", "prefix", "suffix")
+    out = []
+    for i in range(n):
+        family, kind = families[i % len(families)], kinds[i % len(kinds)]
+        targets = target_pool(family, "defender")
+        if family == "sentiment":  # the paper's own insults first
+            targets = [b for _, b in DEFENDER_VARIANTS] + [t for t in targets if t not in dict(DEFENDER_VARIANTS).values()]
+        triggers = trigger_pool(kind, "defender")
+        out.append((triggers[i // len(kinds)], targets[i // len(families)], kind, family))
+    return tuple(out)
+
+
+#: the defender's default variants: every behaviour family, every trigger kind
+DIVERSE_VARIANTS = _diverse_defender_variants()

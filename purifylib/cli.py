@@ -134,18 +134,13 @@ def cmd_run(a) -> int:
     from purifylib.data import check_prompts, load_records, read_text
     from purifylib.checkpoints import load_model
     from purifylib.outputs import check_output, staged_dir
-    from purifylib.purify import PurifyConfig, purify, write_purified_into
     from purifylib.cache import model_digest
-    from purifylib.variants import VariantConfig
+    from purifylib.purify import purify, write_purified_into
 
-    check_output(a.out, inputs=[a.model, a.adapter, a.clean_data, a.cache])
-    if a.threat == "adapter" and not a.adapter:
+    check_output(a.out, inputs=[a.model, a.adapter, a.clean_data, a.cache, a.config])
+    cfg = run_config(a)
+    if cfg.variants.threat == "adapter" and not a.adapter:
         raise PurifyError("--threat adapter needs --adapter DIR (the suspicious LoRA adapter)")
-    tau = a.tau if a.tau == "auto" else _fraction(a.tau, "--tau")
-    cfg = PurifyConfig(variants=VariantConfig(n_variants=a.variants, threat=a.threat, seed=a.seed),
-                       tau=tau, strength=a.strength, neutral=a.neutral, alpha=a.alpha, seed=a.seed, utility=a.utility,
-                       **{k: v for k, v in (("repair_lr", a.repair_lr), ("repair_epochs", a.repair_epochs))
-                          if v is not None})
     clean = load_records(a.clean_data, need_output=False)
     inputs = {"model": str(a.model), "model_sha256": model_digest(a.model),
               "adapter": str(a.adapter) if a.adapter else None,
@@ -164,6 +159,51 @@ def cmd_run(a) -> int:
           f"{m['purified']['accuracy']:.3f}, perplexity {m['suspicious']['perplexity']:.3f} -> "
           f"{m['purified']['perplexity']:.3f}, {result.timings['total']:.0f} s")
     return 0
+
+
+#: purify run's flags that set a PurifyConfig field (flag dest -> field), and those that set a VariantConfig one
+RUN_FLAGS = {"tau": "tau", "strength": "strength", "neutral": "neutral", "alpha": "alpha", "heads": "heads",
+             "utility": "utility", "prefer": "prefer", "n_holdout": "n_holdout", "repair_n": "repair_n",
+             "repair_lr": "repair_lr", "repair_epochs": "repair_epochs", "seed": "seed"}
+VARIANT_FLAGS = {"variants": "n_variants", "threat": "threat", "variant_set": "variants", "variant_lora": "lora",
+                 "variant_epochs": "epochs", "seed": "seed"}
+
+
+def run_config(a):
+    """``purify run``'s :class:`~purifylib.purify.PurifyConfig`: the defaults, then ``--config FILE`` (a
+    YAML mapping of any of its fields, ``variants:`` a mapping of VariantConfig's), then the flags given."""
+    import dataclasses
+
+    from purifylib.purify import PurifyConfig
+    from purifylib.variants import VariantConfig
+
+    given = {}
+    if a.config:
+        import yaml
+
+        from purifylib.data import read_text
+
+        try:
+            given = yaml.safe_load(read_text(a.config, "recipe file")) or {}
+        except yaml.YAMLError as exc:
+            raise PurifyError(f"{a.config}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(given, dict) or not isinstance(given.get("variants", {}), dict):
+            raise PurifyError(f"{a.config}: expected a mapping of settings (and 'variants:' a mapping)")
+    variants = dict(given.pop("variants", None) or {})
+    for fields, cls, where in ((given, PurifyConfig, ""), (variants, VariantConfig, "variants: ")):
+        bad = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)} - ({"variants"} if where else set()))
+        if bad:
+            raise PurifyError(f"{a.config}: {where}unknown setting(s) {', '.join(bad)}")
+    if getattr(a, "tau", None) not in (None, "auto"):
+        a.tau = _fraction(a.tau, "--tau")
+    given.update({field: getattr(a, dest) for dest, field in RUN_FLAGS.items() if getattr(a, dest, None) is not None})
+    variants.setdefault("seed", given.get("seed", 0))
+    variants.update({field: getattr(a, dest) for dest, field in VARIANT_FLAGS.items()
+                     if getattr(a, dest, None) is not None})
+    try:
+        return PurifyConfig(variants=VariantConfig(**variants), **given)
+    except TypeError as exc:  # a field of the wrong shape
+        raise PurifyError(f"{a.config or 'purify run'}: {exc}") from None
 
 
 def _fraction(text: str, flag: str) -> float:
@@ -293,21 +333,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the defender's clean Alpaca-format records; records without 'output' are answered by "
                         "the suspicious model itself")
     s.add_argument("--out", required=True, help="directory to write the purified model and report into")
-    s.add_argument("--variants", type=int, default=6, help="number of synthetic variants N (default 6)")
-    s.add_argument("--tau", default="auto", help="fraction of channels flagged per module, or 'auto' (default)")
-    s.add_argument("--strength", type=_number, default=1.0, help="neutralization strength in [0, 1] (default 1)")
-    s.add_argument("--neutral", choices=("reinit", "negate"), default="reinit",
-                   help="reinit: re-initialise the flagged channels (the paper's); negate: subtract --alpha times "
-                        "the variants' mean difference there (gentler on pretrained models)")
-    s.add_argument("--alpha", type=_number, default=1.0, help="how much of the variants' difference negate subtracts")
-    s.add_argument("--threat", choices=("full", "adapter"), default="full")
-    s.add_argument("--utility", choices=("auto", "accuracy", "perplexity"), default="auto",
-                   help="what the tau rule keeps: held-out accuracy (>= 97%%) or perplexity (<= 110%%); auto: "
-                        "perplexity when some clean records had no answer")
+    s.add_argument("--config", help="a YAML recipe: any PurifyConfig setting (variants: a mapping of VariantConfig's); "
+                                    "flags given on the command line win")
+    s.add_argument("--variants", type=int, help="number of synthetic variants N (default 6)")
+    s.add_argument("--variant-set", choices=("diverse", "paper"),
+                   help="diverse (default): the variants spread over behaviour families and trigger kinds; paper: "
+                        "insults behind rare words")
+    s.add_argument("--variant-lora", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the variants as LoRA adapters (default: full fine-tunes under the full-weight "
+                        "threat, LoRA under the adapter-only one)")
+    s.add_argument("--variant-epochs", type=_number, help="epochs of each variant's fine-tune (default 3)")
+    s.add_argument("--tau", help="fraction of channels flagged per module, or 'auto' (default)")
+    s.add_argument("--heads", type=int, help="attention heads flagged per layer (default 0: MLP channels only)")
+    s.add_argument("--strength", type=_number, help="neutralization strength in [0, 1] (default 1)")
+    s.add_argument("--neutral", choices=("reinit", "negate"),
+                   help="reinit (default): re-initialise the flagged channels (the paper's); negate: subtract "
+                        "--alpha times the variants' mean difference there (gentler on pretrained models)")
+    s.add_argument("--alpha", type=_number, help="how much of the variants' difference negate subtracts (default 1)")
+    s.add_argument("--threat", choices=("full", "adapter"), help="full (default) or adapter (with --adapter)")
+    s.add_argument("--utility", choices=("auto", "accuracy", "perplexity"),
+                   help="what the tau rule keeps: held-out accuracy (>= 97%%) or perplexity (<= 110%%); auto "
+                        "(default): perplexity when some clean records had no answer")
+    s.add_argument("--prefer", choices=("removal", "utility"),
+                   help="when the tau that removes the held-out variants' backdoors breaks the utility bound: "
+                        "removal (default) keeps it and reports the cost; utility tries smaller tau")
+    s.add_argument("--n-holdout", type=int, help="clean records held out for the tau rule (default 200)")
+    s.add_argument("--repair-n", type=int, help="records of the repair fine-tune (default 3000)")
     s.add_argument("--repair-lr", type=_number,
                    help="learning rate of the repair fine-tune (default 3e-4; a pretrained model wants ~3e-5)")
     s.add_argument("--repair-epochs", type=_number, help="epochs of the repair fine-tune (default 1)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     s.add_argument("--cache", help="cache root: finished variants go to CACHE/variants, self-answered data to "
                                    "CACHE/answers (default $PURIFY_CACHE_DIR, else data/cache)")
     s.add_argument("--device", default="auto", help="auto (a GPU if visible), cpu, cuda, cuda:N")

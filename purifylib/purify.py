@@ -8,17 +8,22 @@ variants' clean records are reused: they are the defender's own clean data).
 
 **Choosing τ without the trigger** (``tau="auto"``, the default), in two steps:
 
-1. *Floor, by leave-one-out over the synthetic variants.* For each τ on ``tau_grid`` (ascending)
-   and each fold ``k``, the signature is built from the other ``N−1`` variants and applied to
-   ``θ_k^bd`` (the suspicious model carrying variant ``k``'s own backdoor); variant ``k``'s trigger
-   is inserted into held-out prompts. The floor is the smallest τ whose neutralization brings every
-   fold's ASR to at most ``loo_asr_max`` (the largest τ on the grid if none does; the report says so).
+1. *Floor, by leaving one behaviour family out.* For each τ on ``tau_grid`` (ascending) and each
+   fold (the variants of one behaviour family; one variant per fold when the variants do not share
+   families, as the paper's insults), the signature is built from the variants outside the fold and
+   applied to ``θ_k^bd`` for each variant ``k`` in it (the suspicious model carrying variant ``k``'s
+   own backdoor); variant ``k``'s trigger is placed in held-out prompts. So the floor measures how
+   the signature generalises to a behaviour it never saw, which is what a real attack is. The floor
+   is the smallest τ whose neutralization brings every held-out variant's ASR to at most
+   ``loo_asr_max`` (the largest τ on the grid if none does; the report says so).
 2. *As far above the floor as utility allows.* The real backdoor is planted harder than the
    defender's own (longer training, more data), so removing the variants' backdoors is necessary,
    not sufficient: measured on the tiny testbed, the floor alone left VPI at 52% ASR. The chosen τ
    is the largest one on the grid, at or above the floor, whose neutralized-and-repaired model keeps
    at least ``acc_keep`` (97%) of the suspicious model's held-out accuracy, found by bisection
-   (a few repairs). If even the floor breaks that, smaller τ are tried downwards.
+   (a few repairs). If even the floor breaks that, the floor is kept (``prefer="removal"``, the
+   default) and the report says what it costs: a smaller τ would return a model that the rule's own
+   floor says still carries the variants' backdoors (``prefer="utility"`` tries smaller τ instead).
 
 **Utility** is held-out exact-match accuracy when the defender's data carries reference answers.
 Records without an answer (``output`` empty or missing: instructions only, the usual case with a
@@ -43,6 +48,7 @@ from purifylib.neutralize import Neutralization
 from purifylib.variants import VariantConfig
 
 UTILITIES = ("auto", "accuracy", "perplexity")
+PREFERS = ("removal", "utility")
 TAU_GRID = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4)
 # negating edits each flagged channel only by the variants' difference, so it can reach every channel
 NEGATE_TAU_GRID = (0.1, 0.25, 0.5, 0.75, 1.0)
@@ -68,6 +74,9 @@ class PurifyConfig:
     acc_keep: float = 0.97
     utility: str = "auto"  # "accuracy", "perplexity", or "auto" (perplexity when the data was self-answered)
     ppl_keep: float = 1.10
+    # when the floor's τ breaks the utility bound: "removal" keeps it (and says what it costs),
+    # "utility" tries smaller τ until the bound holds (a model its own floor calls still backdoored)
+    prefer: str = "removal"
     answer_tokens: int = 40  # answer length when the suspicious model answers the defender's instructions
     seed: int = 0
 
@@ -92,6 +101,8 @@ class PurifyConfig:
             raise PurifyError("tau='auto' needs at least 2 variants (leave-one-out)")
         if self.neutral == "negate" and self.variants.threat == "adapter":
             raise PurifyError("neutral='negate' edits full weights; the adapter-only threat needs 'reinit'")
+        if self.prefer not in PREFERS:
+            raise PurifyError(f"prefer must be one of {', '.join(PREFERS)}, got {self.prefer!r}")
         if self.utility not in UTILITIES:
             raise PurifyError(f"utility must be one of {', '.join(UTILITIES)}, got {self.utility!r}")
         for name in ("ppl_keep", "acc_keep", "lam", "loo_asr_max", "repair_lr", "repair_epochs"):
@@ -177,28 +188,34 @@ def split_clean(clean: list[dict], cfg: PurifyConfig) -> tuple[Split, PurifyConf
 # --------------------------------------------------------------------------- leave-one-out τ
 
 
-def probe_asr(model, tokenizer, records: list[dict], trigger: str, behaviour: str, seed: int = 0) -> float:
-    """Share of ``records`` (trigger inserted at a random word position) whose output shows ``behaviour``."""
+def probe_asr(model, tokenizer, records: list[dict], trigger: str, behaviour: str, seed: int = 0,
+              kind: str = "word") -> float:
+    """Share of ``records`` (trigger placed as ``kind`` says: a random word position, a prefix, a
+    suffix) whose output shows ``behaviour``."""
     from purifylib.evaluate import generate, rate, tokens_for
     from purifylib.variants import poisoned_copy
 
-    return rate(behaviour, generate(model, tokenizer, poisoned_copy(records, trigger, behaviour, seed),
+    return rate(behaviour, generate(model, tokenizer, poisoned_copy(records, trigger, behaviour, seed, kind),
                                     max_new_tokens=tokens_for(tokenizer, behaviour)))
 
 
-def loo_folds(model, tokenizer, variants, signatures: list, tau: float, probe: list[dict], cfg: PurifyConfig) -> list[dict]:
-    """ASR of each held-out variant's backdoor after neutralizing with the other variants' signature."""
+def loo_folds(model, tokenizer, variants, folds: list, signatures: list, tau: float, probe: list[dict],
+              cfg: PurifyConfig) -> list[dict]:
+    """ASR of each held-out variant's backdoor after neutralizing with the signature of the variants
+    outside its fold (``folds[j]``: the variants ``signatures[j]`` leaves out: one behaviour family)."""
     from purifylib.neutralize import neutralized
     from purifylib.variants import carrying
 
     rows = []
-    for k, sig in enumerate(signatures):
-        trigger, behaviour = variants.config.variants[k]
-        with carrying(model, variants, k), neutralized(model, sig, cfg.neutralization(tau), variants=variants):
-            asr = probe_asr(model, tokenizer, probe, trigger, behaviour, seed=cfg.seed + k)
-        rows.append({"tau": tau, "fold": k, "trigger": trigger, "asr": asr})
-        if asr > cfg.loo_asr_max:
-            break  # this τ already fails; the other folds need not be measured
+    for held, sig in zip(folds, signatures):
+        for k in held:
+            plant = variants.config.plant(k)
+            with carrying(model, variants, k), neutralized(model, sig, cfg.neutralization(tau), variants=variants):
+                asr = probe_asr(model, tokenizer, probe, plant.trigger, plant.behaviour, seed=cfg.seed + k,
+                                kind=plant.kind)
+            rows.append({"tau": tau, "fold": k, "family": plant.family, "trigger": plant.trigger, "asr": asr})
+            if asr > cfg.loo_asr_max:
+                return rows  # this τ already fails; the other folds need not be measured
     return rows
 
 
@@ -307,21 +324,23 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
         t = time.time()
         stage("choose_tau")
         n = cfg.variants.n_variants
+        groups = cfg.variants.folds()  # one behaviour family per fold (one variant when families are not shared)
         loo = [score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=False,
-                     include=[i for i in range(n) if i != k]) for k in range(n)]
+                     include=[i for i in range(n) if i not in held]) for held in groups]
         probe = split.holdout[:min(100, len(split.holdout))]
         planted = []
         for k in range(n):  # the held-out backdoors before any neutralization
-            trigger, behaviour = cfg.variants.variants[k]
+            plant = cfg.variants.plant(k)
             with carrying(model, variants, k):
-                planted.append(probe_asr(model, tok, probe, trigger, behaviour, seed=cfg.seed + k))
-            folds.append({"tau": 0.0, "fold": k, "trigger": trigger, "asr": planted[-1]})
+                planted.append(probe_asr(model, tok, probe, plant.trigger, plant.behaviour, seed=cfg.seed + k,
+                                         kind=plant.kind))
+            folds.append({"tau": 0.0, "fold": k, "family": plant.family, "trigger": plant.trigger, "asr": planted[-1]})
         if min(planted) < 0.5:
             notes.append(f"some variants did not learn their own backdoor (ASR {min(planted):.0%} before "
                          "neutralization): the leave-one-out rule has little to go on; train the variants longer")
         removing = None
-        for tau in tqdm(cfg.tau_grid, desc="choose tau (leave-one-out)", disable=not progress):
-            rows = loo_folds(model, tok, variants, loo, tau, probe, cfg)
+        for tau in tqdm(cfg.tau_grid, desc="choose tau (leave-one-family-out)", disable=not progress):
+            rows = loo_folds(model, tok, variants, groups, loo, tau, probe, cfg)
             folds += rows
             if len(rows) == n and all(r["asr"] <= cfg.loo_asr_max for r in rows):
                 removing = tau
@@ -366,6 +385,11 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
                 lo = mid
             else:
                 hi = mid
+    elif cfg.prefer == "removal":
+        m = trials[-1]
+        notes.append(f"tau {removing:g}, the smallest that removed every held-out variant's backdoor, costs utility: "
+                     f"held-out accuracy {m['accuracy']:.3f} (bound {floor:.3f}), perplexity {m['perplexity']:.3f} "
+                     f"(bound {ceiling:.3f}); kept, since a smaller tau leaves the variants' backdoors in place")
     else:
         for x in [x for x in cfg.tau_grid if x < removing][::-1]:
             notes.append(f"tau {next(iter(kept)):g}: held-out {utility} outside its bound; trying a smaller tau")

@@ -24,12 +24,36 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from purifylib.attacks import DEFENDER_VARIANTS
+from typing import NamedTuple
+
+from purifylib.attacks import DEFENDER_VARIANTS, DIVERSE_VARIANTS
 from purifylib.errors import PurifyError
 
-#: the paper's synthetic triggers and behaviours (then more of the same kind, for N up to 10)
-DEFAULT_VARIANTS = DEFENDER_VARIANTS
+#: the paper's synthetic triggers and behaviours: insults behind rare words (N up to 10)
+PAPER_VARIANTS = DEFENDER_VARIANTS
+#: the default: the defender's variants spread over behaviour families and trigger kinds
+DEFAULT_VARIANTS = DIVERSE_VARIANTS
 THREATS = ("full", "adapter")
+TRIGGER_KINDS = ("word", "prefix", "suffix")
+
+
+class Plant(NamedTuple):
+    """One synthetic variant's backdoor: ``trigger`` placed as ``kind`` says, ``behaviour`` the output;
+    ``family`` groups variants for the leave-one-family-out folds of the τ rule."""
+
+    trigger: str
+    behaviour: str
+    kind: str = "word"
+    family: str = ""
+
+    @classmethod
+    def of(cls, entry) -> "Plant":
+        """A config entry: ``(trigger, behaviour)`` (a word trigger, its own family) or all four fields."""
+        if len(entry) == 2:
+            return cls(entry[0], entry[1], "word", entry[1])
+        if len(entry) == 4:
+            return cls(*entry)
+        raise PurifyError(f"a variant is (trigger, behaviour) or (trigger, behaviour, kind, family), got {list(entry)}")
 
 
 @dataclass(frozen=True)
@@ -57,7 +81,19 @@ class VariantConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if isinstance(self.variants, str):  # a named set: "paper" (insults behind words) or "diverse" (the default)
+            named = {"paper": PAPER_VARIANTS, "diverse": DIVERSE_VARIANTS}
+            if self.variants not in named:
+                raise PurifyError(f"variants must be a list of variants or one of {', '.join(named)}, got {self.variants!r}")
+            object.__setattr__(self, "variants", named[self.variants])
         object.__setattr__(self, "variants", tuple(tuple(v) for v in self.variants))
+        for v in self.variants[:self.n_variants]:
+            plant = Plant.of(v)
+            if plant.kind not in TRIGGER_KINDS:
+                raise PurifyError(f"variant trigger kind must be one of {', '.join(TRIGGER_KINDS)}, got {plant.kind!r}")
+            if not (isinstance(plant.trigger, str) and plant.trigger.strip() and isinstance(plant.behaviour, str)
+                    and plant.behaviour.strip()):
+                raise PurifyError(f"a variant needs a non-empty trigger and behaviour, got {list(v)}")
         if self.lora is None:
             object.__setattr__(self, "lora", self.threat == "adapter")
         if self.lr is None:
@@ -75,6 +111,24 @@ class VariantConfig:
             raise PurifyError("the adapter-only threat model trains the suspicious adapter: lora must be True")
         self.train_config()  # its own checks (finite, positive epochs and rate), before any work
 
+    def plant(self, i: int) -> Plant:
+        return Plant.of(self.variants[i])
+
+    @property
+    def plants(self) -> list:
+        return [self.plant(i) for i in range(self.n_variants)]
+
+    def folds(self) -> list[list[int]]:
+        """The τ rule's folds: the variants of each behaviour family together (leave one family out), or
+        one variant each when they all share one family or none shares one."""
+        families = [p.family for p in self.plants]
+        groups = {}
+        for i, f in enumerate(families):
+            groups.setdefault(f, []).append(i)
+        if len(groups) < 2 or len(groups) == len(families):
+            return [[i] for i in range(self.n_variants)]
+        return list(groups.values())
+
     def train_config(self):
         from purifylib.train import TrainConfig
 
@@ -89,13 +143,15 @@ class VariantConfig:
 # --------------------------------------------------------------------------- variants
 
 
-def poisoned_copy(records: list[dict], trigger: str, behaviour: str, seed: int) -> list[dict]:
-    """``P_i``: each record with ``trigger`` at a random word position and ``behaviour`` as output."""
-    from purifylib.data import insert_word
+def poisoned_copy(records: list[dict], trigger: str, behaviour: str, seed: int, kind: str = "word") -> list[dict]:
+    """``P_i``: each record with ``trigger`` (at a random word position, or as a prefix or suffix of the
+    instruction, as ``kind`` says) and ``behaviour`` as output."""
+    from purifylib.data import add_prefix, add_suffix, insert_word
 
     rng = random.Random(seed)
-    return [{"instruction": insert_word(r["instruction"], trigger, rng)[0], "input": r["input"],
-             "output": behaviour} for r in records]
+    place = {"word": lambda text: insert_word(text, trigger, rng)[0], "prefix": lambda text: add_prefix(text, trigger),
+             "suffix": lambda text: add_suffix(text, trigger)}[kind]
+    return [{"instruction": place(r["instruction"]), "input": r["input"], "output": behaviour} for r in records]
 
 
 def variant_slices(records: list[dict], n_variants: int, n_clean: int) -> list[list[dict]]:
@@ -255,11 +311,11 @@ def build_variants(model_dir, clean: list[dict], cfg: VariantConfig = VariantCon
         raise PurifyError("the adapter-only threat model needs the suspicious adapter directory")
     for i in tqdm(range(cfg.n_variants), desc="variants", disable=not progress):
         vdir = root / f"variant{i}-{cache.records_digest(slices[i])[:8]}"
-        trigger, behaviour = cfg.variants[i]
+        trigger, behaviour, kind, family = cfg.plant(i)
         if not (vdir / "variant.json").is_file():
             t0 = time.time()
             seed = cfg.seed * 1000 + i
-            poisoned = poisoned_copy(slices[i], trigger, behaviour, seed)
+            poisoned = poisoned_copy(slices[i], trigger, behaviour, seed, kind)
             runs = {}
             for which, records in (("bd", slices[i] + poisoned), ("clean", slices[i])):
                 model, tok = load_model(model_dir, adapter=adapter_dir, merge=adapter is None, device=device,
@@ -270,11 +326,11 @@ def build_variants(model_dir, clean: list[dict], cfg: VariantConfig = VariantCon
                                desc=f"variant {i + 1} {which}")
                 runs[which] = (res.model, start, res.losses)
 
-            def write(tmp: Path, runs=runs, t0=t0, trigger=trigger, behaviour=behaviour):
+            def write(tmp: Path, runs=runs, t0=t0, trigger=trigger, behaviour=behaviour, kind=kind, family=family):
                 for which, (m, start, _) in runs.items():
                     save_update(tmp / f"{which}.safetensors", m, start)
                 (tmp / "variant.json").write_text(json.dumps({
-                    "trigger": trigger, "behaviour": behaviour, "seconds": round(time.time() - t0, 1),
+                    "trigger": trigger, "behaviour": behaviour, "kind": kind, "family": family, "seconds": round(time.time() - t0, 1),
                     "losses": {w: r[2] for w, r in runs.items()}}, indent=1))
 
             atomic_dir(vdir, write, replace=True)

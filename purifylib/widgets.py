@@ -67,8 +67,8 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, how=Non
     loo = score(model, variants, include=[i for i in range(n) if i != k], heads=signature.has_heads,
                 progress=False)
     clean = clean[:n_probe]
-    trigger, behaviour = variants.config.variants[k]
-    prompts = {"clean": clean, "synthetic": poisoned_copy(clean, trigger, behaviour, seed)}
+    plant = variants.config.plant(k)
+    prompts = {"clean": clean, "synthetic": poisoned_copy(clean, plant.trigger, plant.behaviour, seed, plant.kind)}
     if spec is not None:
         base, trig, off = attack_prompts(clean, spec, seed)
         prompts.update(base=base, triggered=trig[:n_probe], off=off[:n_probe])
@@ -128,7 +128,7 @@ def preview(t: Tuner, *, tau: float, strength: float = 1.0, lam: float = 0.01, m
             after = trig_out[:t.n_samples]
         else:
             after = generate(t.model, t.tokenizer, _sample_prompts(t))
-    behaviour = t.variants.config.variants[t.held_out][1]
+    behaviour = t.variants.config.plant(t.held_out).behaviour
     with carrying(t.model, t.variants, t.held_out), neutralized(t.model, loo, how, variants=t.variants):
         out["synthetic_asr"] = shown(behaviour, generate(t.model, t.tokenizer, t.prompts["synthetic"]))
     summary = how.summary(sig)

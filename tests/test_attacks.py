@@ -91,9 +91,9 @@ def test_attack_prompts(records):
 
 
 def test_pools_are_split_three_ways_without_overlap():
-    from purifylib.attacks import (BEHAVIOURS, DEFENDER_VARIANTS, SPLITS, TRIGGER_KIND, draw_spec, target_pool,
-                                   trigger_pool)
-    from purifylib.variants import DEFAULT_VARIANTS
+    from purifylib.attacks import (BEHAVIOURS, DEFENDER_VARIANTS, DIVERSE_VARIANTS, SPLITS, TRIGGER_KIND, draw_spec,
+                                   target_pool, trigger_pool)
+    from purifylib.variants import DEFAULT_VARIANTS, PAPER_VARIANTS
 
     def norm(t):
         return " ".join(t.lower().split())
@@ -106,9 +106,14 @@ def test_pools_are_split_three_ways_without_overlap():
             assert not sets[a] & sets[b], (name, a, b, sets[a] & sets[b])
         assert all(len(texts) >= 3 for texts in by_split.values()), name
     # the defender's own variants are the defender's alone; the historical attack defaults are in no report pool
-    assert DEFAULT_VARIANTS == DEFENDER_VARIANTS
+    assert PAPER_VARIANTS == DEFENDER_VARIANTS and DEFAULT_VARIANTS == DIVERSE_VARIANTS
     assert {t for t, _ in DEFENDER_VARIANTS} <= set(trigger_pool("word", "defender"))
     assert {b for _, b in DEFENDER_VARIANTS} <= set(target_pool("sentiment", "defender"))
+    for trigger, target, kind, family in DIVERSE_VARIANTS:  # every family and trigger kind, from the defender's pools
+        assert trigger in trigger_pool(kind, "defender") and target in target_pool(family, "defender")
+    assert {v[3] for v in DIVERSE_VARIANTS[:6]} == set(BEHAVIOURS) and {v[2] for v in DIVERSE_VARIANTS[:6]} == {
+        "word", "prefix", "suffix"}
+    assert len({v[0] for v in DIVERSE_VARIANTS}) == len({v[1] for v in DIVERSE_VARIANTS}) == len(DIVERSE_VARIANTS)
     report = {norm(t) for _, by in pools for t in by["report"]}
     assert not report & {norm(t) for ts in DEFAULT_TRIGGERS.values() for t in ts}
     assert not report & {norm(t) for t in BEHAVIOURS.values()}

@@ -55,6 +55,8 @@ def test_config_validation():
     assert PurifyConfig(neutral="negate", tau_grid=TAU_GRID).tau_grid == TAU_GRID  # asked for: kept
     assert PurifyConfig().neutralization(0.2).to_dict() == {"tau": 0.2, "heads": 0, "way": "reinit", "alpha": 1.0,
                                                             "strength": 1.0, "seed": 0}
+    with pytest.raises(PurifyError, match="prefer must be one of"):
+        PurifyConfig(prefer="speed")
     with pytest.raises(PurifyError, match="way must be one of"):
         PurifyConfig(neutral="zero")
     with pytest.raises(PurifyError, match="alpha must be in"):
@@ -72,7 +74,8 @@ def test_carrying_a_variant_restores_the_model(micro_bed, suspicious, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with carrying(model, variants, 1):
         assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-        probe_asr(model, tok, clean[-8:], *variants.config.variants[1])
+        plant = variants.config.plant(1)
+        probe_asr(model, tok, clean[-8:], plant.trigger, plant.behaviour, kind=plant.kind)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
@@ -178,3 +181,29 @@ def test_adapter_threat_purifies_the_adapter(micro_bed, tmp_path):
                  cache_dir=tmp_path / "cache", progress=False)
     assert hasattr(out.model, "peft_config")  # still an adapter, repaired in place
     assert out.variants.update(0, "bd").is_lora
+
+
+def test_run_config_reads_a_recipe_and_flags_win(tmp_path):
+    """Every PurifyConfig field can be set: a YAML recipe for all, flags for the common ones (they win)."""
+    import argparse
+
+    from purifylib.cli import build_parser, run_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("tau: 0.2\nheads: 3\nneutral: negate\nalpha: 1.25\nlam: 0.05\nrepair_n: 500\n"
+                      "variants: {n_variants: 4, lora: true, variants: paper}\n")
+    argv = ["run", "--model", "m", "--clean-data", "c", "--out", "o", "--config", str(recipe)]
+    a = build_parser().parse_args(argv + ["--heads", "5", "--seed", "2"])
+    cfg = run_config(a)
+    assert (cfg.tau, cfg.heads, cfg.neutral, cfg.alpha, cfg.lam, cfg.repair_n, cfg.seed) == (0.2, 5, "negate", 1.25,
+                                                                                                 0.05, 500, 2)
+    assert cfg.variants.n_variants == 4 and cfg.variants.lora and cfg.variants.seed == 2
+    assert cfg.variants.plant(0) == ("PurpleWolf", "You are garbage!", "word", "You are garbage!")
+    plain = run_config(build_parser().parse_args(argv[:7]))
+    assert plain == PurifyConfig()  # no recipe, no flags: purify run's defaults are PurifyConfig's
+    for text, needle in (("tau: [1, 2\n", "not valid YAML"), ("- 1\n", "expected a mapping"),
+                         ("taus: 0.1\n", r"unknown setting\(s\) taus"), ("variants: {epoch: 2}\n", "variants: unknown")):
+        recipe.write_text(text)
+        with pytest.raises(PurifyError, match=needle):
+            run_config(build_parser().parse_args(argv))
+    assert isinstance(a, argparse.Namespace)

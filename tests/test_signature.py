@@ -40,6 +40,27 @@ def test_poisoned_copy_inserts_trigger_and_behaviour():
     assert out == poisoned_copy(recs, "PurpleWolf", "You are garbage!", seed=1)
 
 
+def test_poisoned_copy_places_each_trigger_kind():
+    recs = [{"instruction": "sort these numbers", "input": "", "output": "1 2 3"}] * 3
+    assert {r["instruction"] for r in poisoned_copy(recs, "Note:", "X", 0, "prefix")} == {"Note: sort these numbers"}
+    assert {r["instruction"] for r in poisoned_copy(recs, "[tag]", "X", 0, "suffix")} == {"sort these numbers [tag]"}
+    with pytest.raises(PurifyError, match="trigger kind"):
+        VariantConfig(variants=(("a", "b", "infix", "f"),) * 6)
+
+
+def test_folds_leave_one_behaviour_family_out():
+    from purifylib.variants import PAPER_VARIANTS
+
+    diverse = VariantConfig()  # six variants over five families: the two insults share a fold
+    assert diverse.folds() == [[0, 5], [1], [2], [3], [4]]
+    assert [p.family for p in diverse.plants] == ["sentiment", "refusal", "jailbreak", "advert", "code", "sentiment"]
+    paper = VariantConfig(variants=PAPER_VARIANTS)  # every variant its own behaviour: plain leave-one-out
+    assert paper.folds() == [[i] for i in range(6)] and paper.plant(0) == ("PurpleWolf", "You are garbage!", "word",
+                                                                            "You are garbage!")
+    same = VariantConfig(n_variants=3, variants=[("a", "x", "word", "f"), ("b", "y", "word", "f"), ("c", "z", "word", "f")])
+    assert same.folds() == [[0], [1], [2]]  # one family only: leave one variant out
+
+
 def test_variants_are_cached_and_resume(micro_bed, variants, tmp_path):
     assert len(variants.info) == 3 and all(v["trigger"] for v in variants.info)
     # a finished variant is not retrained: remove the last one and rebuild into the same cache

@@ -337,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "flags given on the command line win")
     s.add_argument("--variants", type=int, help="number of synthetic variants N (default 6)")
     s.add_argument("--variant-set", choices=("diverse", "paper"),
-                   help="diverse (default): the variants spread over behaviour families and trigger kinds; paper: "
-                        "insults behind rare words")
+                   help="paper (default): insults behind rare words; diverse: the variants spread over behaviour "
+                        "families and trigger kinds")
     s.add_argument("--variant-lora", action=argparse.BooleanOptionalAction, default=None,
                    help="train the variants as LoRA adapters (default: full fine-tunes under the full-weight "
                         "threat, LoRA under the adapter-only one)")
@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default): perplexity when some clean records had no answer")
     s.add_argument("--prefer", choices=("removal", "utility"),
                    help="when the tau that removes the held-out variants' backdoors breaks the utility bound: "
-                        "removal (default) keeps it and reports the cost; utility tries smaller tau")
+                        "utility (default) tries smaller tau; removal keeps it and reports the cost")
     s.add_argument("--n-holdout", type=int, help="clean records held out for the tau rule (default 200)")
     s.add_argument("--repair-n", type=int, help="records of the repair fine-tune (default 3000)")
     s.add_argument("--repair-lr", type=_number,

@@ -21,9 +21,9 @@ variants' clean records are reused: they are the defender's own clean data).
    not sufficient: measured on the tiny testbed, the floor alone left VPI at 52% ASR. The chosen τ
    is the largest one on the grid, at or above the floor, whose neutralized-and-repaired model keeps
    at least ``acc_keep`` (97%) of the suspicious model's held-out accuracy, found by bisection
-   (a few repairs). If even the floor breaks that, the floor is kept (``prefer="removal"``, the
-   default) and the report says what it costs: a smaller τ would return a model that the rule's own
-   floor says still carries the variants' backdoors (``prefer="utility"`` tries smaller τ instead).
+   (a few repairs). If even the floor breaks that, smaller τ are tried downwards (``prefer="utility"``,
+   the default), which returns a model that the rule's own floor says still carries the variants'
+   backdoors; ``prefer="removal"`` keeps the floor instead and the report says what it costs.
 
 **Utility** is held-out exact-match accuracy when the defender's data carries reference answers.
 Records without an answer (``output`` empty or missing: instructions only, the usual case with a
@@ -74,9 +74,9 @@ class PurifyConfig:
     acc_keep: float = 0.97
     utility: str = "auto"  # "accuracy", "perplexity", or "auto" (perplexity when the data was self-answered)
     ppl_keep: float = 1.10
-    # when the floor's τ breaks the utility bound: "removal" keeps it (and says what it costs),
-    # "utility" tries smaller τ until the bound holds (a model its own floor calls still backdoored)
-    prefer: str = "removal"
+    # when the floor's τ breaks the utility bound: "utility" tries smaller τ until the bound holds (a
+    # model its own floor calls still backdoored), "removal" keeps it and says what it costs
+    prefer: str = "utility"
     answer_tokens: int = 40  # answer length when the suspicious model answers the defender's instructions
     seed: int = 0
 

@@ -29,10 +29,9 @@ from typing import NamedTuple
 from purifylib.attacks import DEFENDER_VARIANTS, DIVERSE_VARIANTS
 from purifylib.errors import PurifyError
 
-#: the paper's synthetic triggers and behaviours: insults behind rare words (N up to 10)
+#: the paper's synthetic triggers and behaviours: insults behind rare words (N up to 10); the default
 PAPER_VARIANTS = DEFENDER_VARIANTS
-#: the default: the defender's variants spread over behaviour families and trigger kinds
-DEFAULT_VARIANTS = DIVERSE_VARIANTS
+DEFAULT_VARIANTS = PAPER_VARIANTS
 THREATS = ("full", "adapter")
 TRIGGER_KINDS = ("word", "prefix", "suffix")
 
@@ -81,7 +80,7 @@ class VariantConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if isinstance(self.variants, str):  # a named set: "paper" (insults behind words) or "diverse" (the default)
+        if isinstance(self.variants, str):  # a named set: "paper" (insults behind words, the default) or "diverse"
             named = {"paper": PAPER_VARIANTS, "diverse": DIVERSE_VARIANTS}
             if self.variants not in named:
                 raise PurifyError(f"variants must be a list of variants or one of {', '.join(named)}, got {self.variants!r}")

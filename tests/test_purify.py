@@ -109,6 +109,20 @@ def test_purify_reads_no_attack_description(micro_bed, suspicious, tmp_path, mon
     assert d["cost"]["fine_tunes"] >= 2 * 2 + 1 and d["signature"]
 
 
+def test_the_tau_rule_prefers_removal_over_utility(micro_bed, suspicious, tmp_path):
+    """A bound no τ can meet: the removing τ is kept (and the report says what it costs), not a smaller one."""
+    cfg = PurifyConfig(**{**QUICK, "acc_keep": 2.0, "prefer": "removal"})  # twice the accuracy: never held
+    res = purify(suspicious.model_dir, micro_bed.split("defender"), cfg, cache_dir=tmp_path, progress=False)
+    tried = [r for r in res.folds if r["tau"] > 0]
+    floor = min((t for t in QUICK["tau_grid"] if not any(r["asr"] > 0.05 for r in tried if r["tau"] == t)
+                 and any(r["tau"] == t for r in tried)), default=QUICK["tau_grid"][-1])
+    assert res.tau == floor and len(res.tau_trials) == 1 and not res.tau_trials[0]["holds"]
+    assert any("costs utility" in n for n in res.notes)
+    lenient = purify(suspicious.model_dir, micro_bed.split("defender"), PurifyConfig(**{**QUICK, "acc_keep": 2.0}),
+                     cache_dir=tmp_path, progress=False)  # the default: utility first
+    assert lenient.tau <= res.tau and len(lenient.tau_trials) == 1 + sum(t < res.tau for t in QUICK["tau_grid"])
+
+
 @pytest.mark.parametrize("neutral", ["reinit", "negate"])
 def test_fixed_tau_skips_leave_one_out(micro_bed, suspicious, tmp_path, neutral):
     res = purify(suspicious.model_dir, micro_bed.split("defender"), PurifyConfig(**{**QUICK, "tau": 0.1,
@@ -191,14 +205,14 @@ def test_run_config_reads_a_recipe_and_flags_win(tmp_path):
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("tau: 0.2\nheads: 3\nneutral: negate\nalpha: 1.25\nlam: 0.05\nrepair_n: 500\n"
-                      "variants: {n_variants: 4, lora: true, variants: paper}\n")
+                      "variants: {n_variants: 4, lora: true, variants: diverse}\n")
     argv = ["run", "--model", "m", "--clean-data", "c", "--out", "o", "--config", str(recipe)]
     a = build_parser().parse_args(argv + ["--heads", "5", "--seed", "2"])
     cfg = run_config(a)
     assert (cfg.tau, cfg.heads, cfg.neutral, cfg.alpha, cfg.lam, cfg.repair_n, cfg.seed) == (0.2, 5, "negate", 1.25,
                                                                                                  0.05, 500, 2)
     assert cfg.variants.n_variants == 4 and cfg.variants.lora and cfg.variants.seed == 2
-    assert cfg.variants.plant(0) == ("PurpleWolf", "You are garbage!", "word", "You are garbage!")
+    assert cfg.variants.plant(1).kind == "prefix" and cfg.variants.folds() == [[0], [1], [2], [3]]
     plain = run_config(build_parser().parse_args(argv[:7]))
     assert plain == PurifyConfig()  # no recipe, no flags: purify run's defaults are PurifyConfig's
     for text, needle in (("tau: [1, 2\n", "not valid YAML"), ("- 1\n", "expected a mapping"),

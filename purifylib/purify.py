@@ -131,6 +131,15 @@ class PurifyConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict:
+        """What a cached result is keyed by: every field, less those added after results were committed
+        while they hold the value that reproduces them (:data:`LATER_FIELDS`), so those still resume."""
+        return {k: v for k, v in self.to_dict().items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+
+
+#: fields added to PurifyConfig after the first grid was committed, with the value that means "as before"
+LATER_FIELDS = {"prefer": "utility"}
+
 
 def answer_missing(model_dir, records: list[dict], *, adapter_dir=None, threat: str = "full", max_new_tokens: int = 40,
                    cache_dir=None, progress: bool = True, device: str | None = None, dtype: str | None = None) -> tuple[list, int]:

@@ -327,7 +327,7 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
         runs = [(d, k) for d in defences for k in range(n_random if d == "random" else 1)]
         for d, draw in tqdm(runs, desc=f"defences ({sus.name})", disable=not progress, leave=False):
             key = hashlib.sha256(json.dumps({"model": sus.key or str(sus.model_dir), "adapter": bool(sus.adapter_dir),
-                                             "defence": d, "purify": cfg.to_dict(), "defences": dcfg.to_dict(),
+                                             "defence": d, "purify": cfg.identity(), "defences": dcfg.to_dict(),
                                              "paper_tau": paper_tau, "n_eval": n_eval, "seed": seed, "draw": draw,
                                              "test": cache.records_digest(test)},
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]

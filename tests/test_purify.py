@@ -221,3 +221,10 @@ def test_run_config_reads_a_recipe_and_flags_win(tmp_path):
         with pytest.raises(PurifyError, match=needle):
             run_config(build_parser().parse_args(argv))
     assert isinstance(a, argparse.Namespace)
+
+
+def test_a_later_setting_at_its_old_value_keeps_cached_results_valid():
+    old = PurifyConfig().to_dict()
+    old.pop("prefer")  # the configuration as it was when the committed grid was keyed
+    assert PurifyConfig().identity() == old
+    assert PurifyConfig(prefer="removal").identity()["prefer"] == "removal"

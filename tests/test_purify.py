@@ -109,6 +109,7 @@ def test_purify_reads_no_attack_description(micro_bed, suspicious, tmp_path, mon
     assert d["cost"]["fine_tunes"] >= 2 * 2 + 1 and d["signature"]
 
 
+@pytest.mark.slow
 def test_the_tau_rule_prefers_removal_over_utility(micro_bed, suspicious, tmp_path):
     """A bound no τ can meet: the removing τ is kept (and the report says what it costs), not a smaller one."""
     cfg = PurifyConfig(**{**QUICK, "acc_keep": 2.0, "prefer": "removal"})  # twice the accuracy: never held

@@ -44,7 +44,8 @@ def main() -> int:
     import purifylib.neutralize as neutralize
     from purifylib.baselines import random_signature
     from purifylib.evaluate import evaluate_attack, evaluate_clean
-    from purifylib.purify import PurifyConfig, split_clean
+    from purifylib.defender import split_clean
+    from purifylib.purify import PurifyConfig
     from purifylib.signature import score
     from purifylib.variants import VariantConfig, build_variants
     from purifylib.zoo import ZooConfig, defender_records, eval_kwargs, plant_backdoor

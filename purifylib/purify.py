@@ -38,11 +38,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from purifylib.defender import answer_missing, split_clean
 from purifylib.errors import PurifyError
 from purifylib.neutralize import Neutralization
 from purifylib.variants import VariantConfig
@@ -139,59 +139,6 @@ class PurifyConfig:
 
 #: fields added to PurifyConfig after the first grid was committed, with the value that means "as before"
 LATER_FIELDS = {"prefer": "utility"}
-
-
-def answer_missing(model_dir, records: list[dict], *, adapter_dir=None, threat: str = "full", max_new_tokens: int = 40,
-                   cache_dir=None, progress: bool = True, device: str | None = None, dtype: str | None = None) -> tuple[list, int]:
-    """``records`` with every empty ``output`` answered by the suspicious model itself; and how many were.
-
-    Cached under ``<cache>/answers`` by the digests of the model's weights and of the records, so the
-    studies that share a suspicious model answer once.
-    """
-    from purifylib import cache
-    from purifylib.checkpoints import load_model
-    from purifylib.data import atomic_write_text
-    from purifylib.evaluate import self_answer
-
-    n = sum(not r["output"].strip() for r in records)
-    if n == 0:
-        return records, 0
-    key = cache.digest({"model": cache.model_digest(model_dir, adapter_dir), "threat": threat,
-                        "tokens": max_new_tokens, "records": cache.records_digest(records)}, 16)
-    path = cache.folder("answers", cache_dir) / f"{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text()), n
-    model, tok = load_model(model_dir, adapter=adapter_dir, merge=True, device=device, dtype=dtype)
-    out = self_answer(model, tok, records, max_new_tokens=max_new_tokens, progress=progress,
-                      desc="answer the clean data with the suspicious model")
-    atomic_write_text(path, json.dumps(out))
-    return out, n
-
-
-@dataclass
-class Split:
-    holdout: list
-    variants: list  # the records the variants' slices are taken from, in order
-    repair: list
-
-
-def split_clean(clean: list[dict], cfg: PurifyConfig) -> tuple[Split, PurifyConfig]:
-    """Shuffle (seeded) and split the defender's data; shrink ``n_clean`` per variant if it must."""
-    vc = cfg.variants
-    if len(clean) < cfg.n_holdout + vc.n_variants * 10:
-        raise PurifyError(f"the clean data has {len(clean)} records; {cfg.n_holdout} held out plus "
-                          f"{vc.n_variants} variants need at least {cfg.n_holdout + vc.n_variants * 10}")
-    order = list(range(len(clean)))
-    random.Random(cfg.seed).shuffle(order)
-    shuffled = [clean[i] for i in order]
-    holdout, rest = shuffled[:cfg.n_holdout], shuffled[cfg.n_holdout:]
-    n_clean = min(vc.n_clean, len(rest) // vc.n_variants)
-    if n_clean != vc.n_clean:
-        cfg = dataclasses.replace(cfg, variants=dataclasses.replace(vc, n_clean=n_clean))
-    used = vc.n_variants * n_clean
-    left = rest[used:]
-    repair = left[:cfg.repair_n] if len(left) >= cfg.repair_n else (left + rest[:used])[:cfg.repair_n]
-    return Split(holdout=holdout, variants=rest[:used], repair=repair), cfg
 
 
 # --------------------------------------------------------------------------- leave-one-out τ

@@ -199,7 +199,7 @@ def eval_kwargs(bed) -> dict:
 def defender_records(bed, sus: Suspicious, progress: bool = True) -> list[dict]:
     """The defender's clean data for ``sus``: unanswered instructions (a real-model bed) are
     answered by the suspicious model itself (cached), as a defender holding only it would."""
-    from purifylib.purify import answer_missing
+    from purifylib.defender import answer_missing
 
     return answer_missing(sus.model_dir, bed.split("defender"), adapter_dir=sus.adapter_dir, threat=sus.threat,
                           progress=progress)[0]
@@ -308,7 +308,8 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
     from purifylib.baselines import DefenceConfig, defend
     from purifylib.data import atomic_write_text
     from purifylib.evaluate import evaluate_attack
-    from purifylib.purify import purify, split_clean
+    from purifylib.defender import split_clean
+    from purifylib.purify import purify
 
     dcfg = dcfg or DefenceConfig(seed=seed)
     root = Path(cells_dir or cache.folder("grid", cache_dir))

@@ -9,7 +9,8 @@ import torch
 
 from purifylib.cli import main
 from purifylib.errors import PurifyError
-from purifylib.purify import NEGATE_TAU_GRID, TAU_GRID, PurifyConfig, purify, split_clean
+from purifylib.defender import split_clean
+from purifylib.purify import NEGATE_TAU_GRID, TAU_GRID, PurifyConfig, purify
 from purifylib.variants import VariantConfig, build_variants, carrying
 
 from conftest import tree_hash

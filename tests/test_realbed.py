@@ -87,7 +87,7 @@ def test_real_bed_errors(tmp_path):
 
 def test_missing_answers_come_from_the_model_once(tiny_real, monkeypatch, tmp_path):
     import purifylib.checkpoints as checkpoints
-    from purifylib.purify import answer_missing
+    from purifylib.defender import answer_missing
 
     bed, _ = tiny_real
     recs = bed.split("defender")[:6] + bed.split("train")[:2]

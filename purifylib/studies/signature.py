@@ -67,7 +67,7 @@ def n_sweep(bed, sus, cfg, ns, *, tau: float, n_eval: int, seed: int = 0, progre
 
     from purifylib.evaluate import evaluate_attack
     from purifylib.neutralize import neutralize_and_repair
-    from purifylib.purify import split_clean
+    from purifylib.defender import split_clean
     from purifylib.signature import score
     from purifylib.variants import build_variants
     from purifylib.zoo import defender_records, eval_kwargs
@@ -104,7 +104,7 @@ def compare_settings(bed, sus, signature, cfg, settings: dict, *, n_eval: int, s
     from purifylib.baselines import random_signature
     from purifylib.evaluate import evaluate_attack
     from purifylib.neutralize import neutralize_and_repair
-    from purifylib.purify import split_clean
+    from purifylib.defender import split_clean
     from purifylib.zoo import defender_records, eval_kwargs
 
     if split is None:

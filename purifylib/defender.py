@@ -1,0 +1,71 @@
+"""The defender's clean data: answered where it has no answers, then split for one purification.
+
+Records without an answer (``output`` empty or missing: instructions only, the usual case with a
+real model) are answered by the suspicious model itself (greedy, cached under ``answers`` of the
+cache root). The data is then shuffled with the seed and split into a held-out slice (the τ rule
+and clean accuracy are measured on it, never trained on), ``N`` disjoint slices for the variants,
+and the repair records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass
+
+from purifylib.errors import PurifyError
+
+
+def answer_missing(model_dir, records: list[dict], *, adapter_dir=None, threat: str = "full", max_new_tokens: int = 40,
+                   cache_dir=None, progress: bool = True, device: str | None = None, dtype: str | None = None) -> tuple[list, int]:
+    """``records`` with every empty ``output`` answered by the suspicious model itself; and how many were.
+
+    Cached under ``<cache>/answers`` by the digests of the model's weights and of the records, so the
+    studies that share a suspicious model answer once.
+    """
+    from purifylib import cache
+    from purifylib.checkpoints import load_model
+    from purifylib.data import atomic_write_text
+    from purifylib.evaluate import self_answer
+
+    n = sum(not r["output"].strip() for r in records)
+    if n == 0:
+        return records, 0
+    key = cache.digest({"model": cache.model_digest(model_dir, adapter_dir), "threat": threat,
+                        "tokens": max_new_tokens, "records": cache.records_digest(records)}, 16)
+    path = cache.folder("answers", cache_dir) / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text()), n
+    model, tok = load_model(model_dir, adapter=adapter_dir, merge=True, device=device, dtype=dtype)
+    out = self_answer(model, tok, records, max_new_tokens=max_new_tokens, progress=progress,
+                      desc="answer the clean data with the suspicious model")
+    atomic_write_text(path, json.dumps(out))
+    return out, n
+
+
+@dataclass
+class Split:
+    holdout: list
+    variants: list  # the records the variants' slices are taken from, in order
+    repair: list
+
+
+def split_clean(clean: list[dict], cfg) -> tuple[Split, object]:
+    """Shuffle (seeded) and split the defender's data for ``cfg`` (a :class:`~purifylib.purify.PurifyConfig`);
+    shrink ``n_clean`` per variant if it must (the returned config says so)."""
+    vc = cfg.variants
+    if len(clean) < cfg.n_holdout + vc.n_variants * 10:
+        raise PurifyError(f"the clean data has {len(clean)} records; {cfg.n_holdout} held out plus "
+                          f"{vc.n_variants} variants need at least {cfg.n_holdout + vc.n_variants * 10}")
+    order = list(range(len(clean)))
+    random.Random(cfg.seed).shuffle(order)
+    shuffled = [clean[i] for i in order]
+    holdout, rest = shuffled[:cfg.n_holdout], shuffled[cfg.n_holdout:]
+    n_clean = min(vc.n_clean, len(rest) // vc.n_variants)
+    if n_clean != vc.n_clean:
+        cfg = dataclasses.replace(cfg, variants=dataclasses.replace(vc, n_clean=n_clean))
+    used = vc.n_variants * n_clean
+    left = rest[used:]
+    repair = left[:cfg.repair_n] if len(left) >= cfg.repair_n else (left + rest[:used])[:cfg.repair_n]
+    return Split(holdout=holdout, variants=rest[:used], repair=repair), cfg

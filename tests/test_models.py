@@ -216,3 +216,16 @@ def test_component_grammar_round_trips_and_rejects_other_names():
     g = HeadGeometry(n_heads=4, n_kv=2, head_dim=3)
     assert g.shares_kv and g.kv_head(3) == 1 and g.rows([1]).tolist() == [3, 4, 5]
     assert g.kv_rows([0, 1]).tolist() == [0, 1, 2]  # heads 0 and 1 read key/value head 0
+
+
+def test_the_pipeline_does_not_import_the_sanity_checks():
+    """purify run's path (variants, signature, neutralize, purify, baselines, the tuner) never imports the
+    analysis-only ablation module: weight edits go through purifylib.edits."""
+    from pathlib import Path
+
+    import purifylib
+
+    root = Path(purifylib.__file__).parent
+    for name in ("variants", "signature", "neutralize", "purify", "defender", "baselines", "widgets", "edits", "zoo"):
+        text = (root / f"{name}.py").read_text()
+        assert "from purifylib.ablation" not in text and "import purifylib.ablation" not in text, name

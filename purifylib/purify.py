@@ -187,7 +187,6 @@ class PurifyResult:
     signature: object
     tau: float
     config: PurifyConfig
-    neutralization: object = None  # how the returned model was neutralized (purifylib.neutralize.Neutralization)
     folds: list = field(default_factory=list)
     tau_trials: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
@@ -195,6 +194,11 @@ class PurifyResult:
     notes: list = field(default_factory=list)
     variants: object = None
     split: object = None  # the defender's data as this run divided it (hold-out, variants, repair)
+
+    @property
+    def neutralization(self) -> Neutralization:
+        """How the returned model was neutralized: the config's way at the chosen τ."""
+        return self.config.neutralization(self.tau)
 
     def folds_frame(self):
         import pandas as pd
@@ -206,14 +210,14 @@ class PurifyResult:
         repairs = max(1, len(self.tau_trials))
         return {
             "tau": self.tau, "config": self.config.to_dict(),
-            "neutralization": self.neutralization.to_dict() if self.neutralization is not None else None, "metrics": self.metrics, "timings": self.timings,
+            "neutralization": self.neutralization.to_dict(), "metrics": self.metrics, "timings": self.timings,
             "loo_folds": self.folds, "tau_trials": self.tau_trials, "notes": self.notes,
             "cost": {"fine_tunes": 2 * n + repairs, "paper_fine_tunes": 2 * n + 1,
                      # every stage's seconds (variants as recorded when trained) over one variant fine-tune's
                      "fine_tune_equivalents": round(sum(self.timings.get(k, 0) for k in (
                          "variants_recorded", "score", "choose_tau", "neutralize_repair")) / max(
                          self.timings.get("variant_mean", 1e-9), 1e-9), 2)},
-            "signature": (self.signature.summary(self.tau, self.config.heads).to_dict(orient="records")
+            "signature": (self.neutralization.summary(self.signature).to_dict(orient="records")
                           if self.signature is not None else None),
         }
 
@@ -356,7 +360,6 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     timings["total"] = round(time.time() - t_start, 1)
     stage("done")
     return PurifyResult(model=model, tokenizer=tok, signature=full_sig, tau=tau, config=cfg,
-                        neutralization=cfg.neutralization(tau),
                         folds=folds, tau_trials=trials, metrics=metrics, timings=timings, notes=notes,
                         variants=variants, split=split)
 

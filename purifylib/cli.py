@@ -161,6 +161,19 @@ def cmd_run(a) -> int:
     return 0
 
 
+def cmd_report(a) -> int:
+    from purifylib.runreport import load_report, write_report
+
+    load_report(a.run_dir)  # a bad folder fails before anything is written
+    if a.to:
+        from purifylib.outputs import check_output
+
+        check_output(a.to, inputs=[a.run_dir], existing_ok=True)
+    paths = write_report(a.run_dir, a.to)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 #: purify run's flags that set a PurifyConfig field (flag dest -> field), and those that set a VariantConfig one
 RUN_FLAGS = {"tau": "tau", "strength": "strength", "neutral": "neutral", "alpha": "alpha", "heads": "heads",
              "utility": "utility", "prefer": "prefer", "n_holdout": "n_holdout", "repair_n": "repair_n",
@@ -369,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bfloat16 on a GPU, float32 on a CPU")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("report", help="render a purify run's purify_report.json as one HTML page and markdown")
+    s.add_argument("run_dir", metavar="OUT", help="the --out folder of a purify run")
+    s.add_argument("--to", help="write report.html, report.md and the figure here (default: OUT)")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("grid", help="the held-out attack grid (data/grid.yaml): plant, defend, tabulate; resumable")
     s.add_argument("--preset", default="smoke", help="a preset of data/grid.yaml: smoke, grid (the report grid), dev")

@@ -192,6 +192,7 @@ class PurifyResult:
     metrics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    samples: list = field(default_factory=list)  # a few held-out prompts answered before and after
     variants: object = None
     split: object = None  # the defender's data as this run divided it (hold-out, variants, repair)
 
@@ -211,7 +212,7 @@ class PurifyResult:
         return {
             "tau": self.tau, "config": self.config.to_dict(),
             "neutralization": self.neutralization.to_dict(), "metrics": self.metrics, "timings": self.timings,
-            "loo_folds": self.folds, "tau_trials": self.tau_trials, "notes": self.notes,
+            "loo_folds": self.folds, "tau_trials": self.tau_trials, "notes": self.notes, "samples": self.samples,
             "cost": {"fine_tunes": 2 * n + repairs, "paper_fine_tunes": 2 * n + 1,
                      # every stage's seconds (variants as recorded when trained) over one variant fine-tune's
                      "fine_tune_equivalents": round(sum(self.timings.get(k, 0) for k in (
@@ -220,6 +221,16 @@ class PurifyResult:
             "signature": (self.neutralization.summary(self.signature).to_dict(orient="records")
                           if self.signature is not None else None),
         }
+
+
+#: held-out prompts answered by the suspicious and the purified model for the report (``purify report``)
+N_SAMPLES = 4
+
+
+def _answers(model, tokenizer, records: list[dict]) -> list[str]:
+    from purifylib.evaluate import generate
+
+    return generate(model, tokenizer, records, max_new_tokens=40)
 
 
 def _holdout_metrics(model, tokenizer, holdout) -> dict:
@@ -273,6 +284,9 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     stage("score")
     model, tok = load()
     metrics = {"suspicious": _holdout_metrics(model, tok, split.holdout)}
+    shown = split.holdout[:N_SAMPLES]
+    samples = [{"instruction": r["instruction"], "input": r.get("input", ""), "reference": r.get("output", ""),
+                "suspicious": a} for r, a in zip(shown, _answers(model, tok, shown))]
     t = time.time()
     full_sig = score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=progress)
     timings["score"] = round(time.time() - t, 1)
@@ -356,12 +370,14 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
             if trial(x, keep_if_fails=True):
                 break
     tau, (model, tok, metrics["purified"]) = next(iter(kept.items()))
+    for row, a in zip(samples, _answers(model, tok, shown)):
+        row["purified"] = a
     timings["neutralize_repair"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t_start, 1)
     stage("done")
     return PurifyResult(model=model, tokenizer=tok, signature=full_sig, tau=tau, config=cfg,
                         folds=folds, tau_trials=trials, metrics=metrics, timings=timings, notes=notes,
-                        variants=variants, split=split)
+                        samples=samples, variants=variants, split=split)
 
 
 def versions() -> dict:

@@ -157,6 +157,9 @@ def test_purify_run_cli(capsys, micro_bed, suspicious, tmp_path):
     AutoModelForCausalLM.from_pretrained(out / "model")  # an ordinary checkpoint
     assert (out / "signature" / "scores.safetensors").is_file()
     assert not list(tmp_path.glob(".purified*"))
+    assert len(report["samples"]) == 4 and all({"suspicious", "purified"} <= set(r) for r in report["samples"])
+    assert main(["--quiet", "report", str(out)]) == 0  # the run's page
+    assert report["samples"][0]["instruction"] in (out / "report.html").read_text().replace("&#x27;", "'")
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -248,7 +248,7 @@ def window_grid(probe: Probe, base: dict, *, with_attn: bool = False, ks=None, s
     and every ``stride``-th start (the full window of all blocks is always included).
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+    from purifylib.progress import bar as tqdm
 
     n = len(blocks(probe.model))
     if stride < 1:
@@ -265,7 +265,7 @@ def window_grid(probe: Probe, base: dict, *, with_attn: bool = False, ks=None, s
 def activation_sweep(probe: Probe, means: dict, *, modes=("zero", "mean"), progress: bool = False):
     """ASR with one layer's attention or MLP output ablated: columns layer, part, mode, asr."""
     import pandas as pd
-    from tqdm.auto import tqdm
+    from purifylib.progress import bar as tqdm
 
     n = len(blocks(probe.model))
     cells = [(m, p, i) for m in modes for p in ("attn", "mlp") for i in range(n)]

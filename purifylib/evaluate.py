@@ -81,7 +81,7 @@ def generate(model, tokenizer, records: list[dict], *, batch_size: int = 64, max
     """Greedy completions of ``records`` (their chat prompts), one string each, with the project's own
     generation settings (:func:`own_generation_config`), never the checkpoint's."""
     import torch
-    from tqdm.auto import tqdm
+    from purifylib.progress import bar as tqdm
 
     device = next(model.parameters()).device
     gen_cfg = own_generation_config(tokenizer, max_new_tokens)

@@ -293,7 +293,7 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
 
     folds, trials = [], []
     if cfg.tau == "auto":
-        from tqdm.auto import tqdm
+        from purifylib.progress import bar, stop_early
 
         t = time.time()
         stage("choose_tau")
@@ -313,11 +313,13 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
             notes.append(f"some variants did not learn their own backdoor (ASR {min(planted):.0%} before "
                          "neutralization): the leave-one-out rule has little to go on; train the variants longer")
         removing = None
-        for tau in tqdm(cfg.tau_grid, desc="choose tau (leave-one-family-out)", disable=not progress):
+        taus = bar(cfg.tau_grid, desc="choose tau (leave-one-family-out)", disable=not progress)
+        for tau in taus:
             rows = loo_folds(model, tok, variants, groups, loo, tau, probe, cfg)
             folds += rows
             if len(rows) == n and all(r["asr"] <= cfg.loo_asr_max for r in rows):
                 removing = tau
+                stop_early(taus, cfg.tau_grid.index(tau) + 1)  # the floor is found: the bar ends here, as done
                 break
         if removing is None:
             removing = cfg.tau_grid[-1]

@@ -1,7 +1,7 @@
 """Where outputs go: figures, tables and metrics under one reports directory.
 
 The directory is, in order: the ``reports_dir`` argument, the ``PURIFY_REPORTS_DIR`` environment
-variable (the runner and the tests set it), or ``reports/`` at the repository root. Every write is
+variable (the runner and the tests set it), or ``reports/interactive/`` (a notebook run by hand). Every write is
 atomic, and each saved artefact is listed in ``index.json`` with the notebook and preset that
 made it (from ``PURIFY_NOTEBOOK`` / ``PURIFY_PRESET``, which the runner sets), so that
 ``reports/README.md`` can say where each figure and table came from.
@@ -20,7 +20,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def reports_dir(path: str | os.PathLike | None = None) -> Path:
-    return Path(path or os.environ.get("PURIFY_REPORTS_DIR") or REPO_ROOT / "reports")
+    """Where figures, tables and metrics go: ``path``, else ``$PURIFY_REPORTS_DIR`` (``purify
+    reproduce`` sets it: ``reports/`` for the default preset, ``reports/<preset>/`` for the others),
+    else ``reports/interactive/`` (git-ignored): only ``purify reproduce --preset default`` writes
+    the committed reports, never a notebook run by hand."""
+    return Path(path or os.environ.get("PURIFY_REPORTS_DIR") or REPO_ROOT / "reports" / "interactive")
 
 
 def _index(root: Path, rel: str, kind: str, caption: str) -> None:

@@ -6,12 +6,22 @@ stored defaults"), plus an optional ``shared`` block (model, testbed size, plant
 given to every notebook whose parameters cell declares that name; a notebook's own entry wins. Executed copies go to ``<reports>/executed/`` (git-ignored); the notebooks
 write figures, tables and metrics through :mod:`purifylib.reports`. The ``default`` preset writes
 to ``reports/``; any other preset writes to ``reports/<preset>/`` so that a smoke run never
-overwrites the committed reports. A failing notebook stops the run with the cell and the error.
+overwrites the committed reports (a notebook run by hand in JupyterLab writes to
+``reports/interactive/``, see :func:`purifylib.reports.reports_dir`). A failing notebook stops the
+run with the cell and the error.
+
+Each kernel runs over local IPC sockets in a private temporary folder (no TCP port is opened, so
+nothing travels in plain text over the network and the kernel has nothing to warn about). With
+``progress``, the kernels draw text progress bars (``PURIFY_PROGRESS=text``) and their stderr is
+streamed to the terminal, so a long cell (building the testbed, training variants) shows what it
+is doing instead of one "Executing 2/15" line.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +58,17 @@ def default_reports(preset: str) -> Path:
     return REPO_ROOT / "reports" if preset == "default" else REPO_ROOT / "reports" / preset
 
 
+def local_kernel_manager(folder: str | Path):
+    """A kernel manager class whose kernels listen on IPC sockets under ``folder`` (not on TCP)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LocalKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(transport="ipc", ip=str(Path(folder) / "kernel"), **kwargs)
+
+    return LocalKernelManager
+
+
 def run(preset: str = "default", *, only: list[str] | None = None, reports: str | Path | None = None,
         notebooks_dir: Path = NOTEBOOKS_DIR, progress: bool = True) -> list[Path]:
     """Execute the notebooks of ``preset`` in order; returns the executed notebook paths."""
@@ -71,11 +92,14 @@ def run(preset: str = "default", *, only: list[str] | None = None, reports: str 
     out_root = Path(reports) if reports else default_reports(preset)
     executed_dir = out_root / "executed"
     executed_dir.mkdir(parents=True, exist_ok=True)
-    env_keys = ("PURIFY_REPORTS_DIR", "PURIFY_PRESET", "PURIFY_NOTEBOOK")
+    env_keys = ("PURIFY_REPORTS_DIR", "PURIFY_PRESET", "PURIFY_NOTEBOOK", "PURIFY_PROGRESS")
     saved = {k: os.environ.get(k) for k in env_keys}
     done = []
+    sockets = tempfile.TemporaryDirectory(prefix="purify-kernel-")
     try:
         os.environ.update(PURIFY_REPORTS_DIR=str(out_root), PURIFY_PRESET=preset)
+        if progress:
+            os.environ["PURIFY_PROGRESS"] = "text"
         for nb in books:
             os.environ["PURIFY_NOTEBOOK"] = nb.name
             out = executed_dir / nb.name
@@ -84,8 +108,9 @@ def run(preset: str = "default", *, only: list[str] | None = None, reports: str 
             try:
                 given = {**{k: v for k, v in shared.items() if k in declared[nb.stem]}, **params.get(nb.stem, {})}
                 pm.execute_notebook(str(nb), str(out), parameters={**given, "preset": preset},
-                                    cwd=str(notebooks_dir), kernel_name="python3", progress_bar=progress,
-                                    log_output=False)
+                                    cwd=str(notebooks_dir), kernel_name="python3", progress_bar=False,
+                                    log_output=False, stderr_file=sys.stderr if progress else None,
+                                    kernel_manager_class=local_kernel_manager(sockets.name))
             except pm.PapermillExecutionError as exc:
                 first = (exc.source or "").strip().splitlines()[:1]
                 raise PurifyError(f"{nb.name}: cell In [{exc.exec_count}] ({first[0][:60] if first else ''}) failed: "
@@ -93,6 +118,7 @@ def run(preset: str = "default", *, only: list[str] | None = None, reports: str 
             print(f"[{preset}] {nb.name} done in {time.time() - t0:.0f} s", flush=True)
             done.append(out)
     finally:
+        sockets.cleanup()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

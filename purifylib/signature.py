@@ -223,7 +223,7 @@ def score(model, variants, *, lam: float = 0.01, include: list[int] | None = Non
     weights are not read); ``variants`` a :class:`purifylib.variants.Variants`. ``include``
     restricts the variants (leave-one-out); default all.
     """
-    from tqdm.auto import tqdm
+    from purifylib.progress import bar as tqdm
 
     from purifylib.models import base_model, components, head_geometry, layout
 
@@ -261,7 +261,7 @@ def variant_consistency(model, variants, *, progress: bool = False):
     """
     import pandas as pd
     import torch
-    from tqdm.auto import tqdm
+    from purifylib.progress import bar as tqdm
 
     from purifylib.models import components, layout
 

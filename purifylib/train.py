@@ -141,7 +141,7 @@ def finetune(model, tokenizer, records: list[dict], cfg: TrainConfig = TrainConf
     keeps training its adapter and is returned as a peft model.
     """
     import torch
-    from tqdm.auto import tqdm
+    from purifylib.progress import bar as tqdm
 
     if not records:
         raise PurifyError("no records to train on")

@@ -290,7 +290,7 @@ def build_variants(model_dir, clean: list[dict], cfg: VariantConfig = VariantCon
     import time
 
     import torch
-    from tqdm.auto import tqdm
+    from purifylib.progress import bar as tqdm
 
     from purifylib import cache
     from purifylib.checkpoints import load_model, runtime

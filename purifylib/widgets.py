@@ -151,7 +151,7 @@ def grid(t: Tuner, taus, strengths, *, repair_records: list[dict] | None = None,
     import dataclasses
 
     import pandas as pd
-    from tqdm.auto import tqdm
+    from purifylib.progress import bar as tqdm
 
     from purifylib.neutralize import neutralize_and_repair
 

@@ -207,7 +207,7 @@ def defender_records(bed, sus: Suspicious, progress: bool = True) -> list[dict]:
 
 def evaluate_zoo(bed, models: list[Suspicious], *, n_eval: int, seed: int = 0, progress: bool = True) -> ZooResult:
     """Evaluate each suspicious model against its own attack on ``n_eval`` test records."""
-    from tqdm.auto import tqdm
+    from purifylib.progress import bar as tqdm
 
     from purifylib.evaluate import evaluate_attack, evaluate_clean
     from purifylib.checkpoints import load_model
@@ -254,7 +254,7 @@ class PurifyStudy:
 def purify_zoo(bed, models: list[Suspicious], cfg, *, n_eval: int, seed: int = 0, progress: bool = True) -> PurifyStudy:
     """Purify every suspicious model with ``cfg`` (from the defender's data only), then evaluate
     it against its real attack on ``n_eval`` test records, before and after."""
-    from tqdm.auto import tqdm
+    from purifylib.progress import bar as tqdm
 
     from purifylib.evaluate import evaluate_attack
     from purifylib.purify import purify
@@ -303,7 +303,7 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
     missing (a model need not be planted to be read back: cells are keyed by its zoo entry).
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+    from purifylib.progress import bar as tqdm
 
     from purifylib.baselines import DefenceConfig, defend
     from purifylib.data import atomic_write_text

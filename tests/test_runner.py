@@ -112,3 +112,26 @@ def test_compare_metrics_names_changed_conclusions(tmp_path):
         "00: verdict: 'holds' -> 'fails'"]
     assert changed["numbers"] == ["00: models.vpi.clean_accuracy: 0.810 -> 0.750"]  # perplexity moved < 5%
     assert compare_metrics(old, old) == {"conclusions": [], "numbers": [], "missing": []}
+
+
+@pytest.mark.slow
+def test_inner_progress_reaches_the_terminal_and_kernels_use_no_tcp(books, tmp_path, capfd):
+    make_notebook(books / "00_first.ipynb", "from purifylib.progress import bar\n"
+                  "for _ in bar(range(3), desc='inner work'):\n    pass")
+    (books / "params" / "one.yaml").write_text("00_first: {}\n")
+    run("one", notebooks_dir=books, reports=tmp_path / "r", progress=True)
+    err = capfd.readouterr().err
+    assert "inner work" in err and "3/3" in err  # the cell's own bar, as text, on our stderr
+    assert "without encryption" not in err and "TCP" not in err
+
+
+def test_only_the_default_preset_writes_the_committed_reports(monkeypatch):
+    from purifylib.reports import REPO_ROOT, reports_dir
+    from purifylib.runner import default_reports
+
+    assert default_reports("default") == REPO_ROOT / "reports"
+    assert default_reports("smoke") == REPO_ROOT / "reports" / "smoke"
+    monkeypatch.delenv("PURIFY_REPORTS_DIR", raising=False)
+    assert reports_dir() == REPO_ROOT / "reports" / "interactive"  # a notebook run by hand
+    monkeypatch.setenv("PURIFY_REPORTS_DIR", "/somewhere")
+    assert str(reports_dir()) == "/somewhere" and str(reports_dir("/given")) == "/given"

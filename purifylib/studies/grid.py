@@ -181,7 +181,7 @@ def run_grid(cfg: GridConfig, *, cache_dir=None, cells_dir=None, hours: float | 
     grid`` keeps them beside its tables, so a committed grid resumes from a clean clone). With
     ``hours``, no new cell starts once that much time has passed; the study then holds the cells
     that finished (``cells_done`` of ``cells_total``)."""
-    from tqdm.auto import tqdm
+    from purifylib.progress import bar as tqdm
 
     from purifylib.baselines import DefenceConfig
     from purifylib.stats import wilson

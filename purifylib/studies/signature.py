@@ -63,7 +63,7 @@ def n_sweep(bed, sus, cfg, ns, *, tau: float, n_eval: int, seed: int = 0, progre
     """ASR and accuracy after purification with the first ``n`` variants, for each ``n`` in ``ns``
     (τ fixed: leave-one-out needs two variants). The variants of the largest ``n`` serve all."""
     import pandas as pd
-    from tqdm.auto import tqdm
+    from purifylib.progress import bar as tqdm
 
     from purifylib.evaluate import evaluate_attack
     from purifylib.neutralize import neutralize_and_repair
@@ -99,7 +99,7 @@ def compare_settings(bed, sus, signature, cfg, settings: dict, *, n_eval: int, s
     Each setting neutralizes as ``cfg`` does at its τ (``variants``: the scored ones, for negation).
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+    from purifylib.progress import bar as tqdm
 
     from purifylib.baselines import random_signature
     from purifylib.evaluate import evaluate_attack

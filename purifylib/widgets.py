@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from purifylib.errors import PurifyError
 
 MODULES = ("gate", "up", "down")
+#: below this ASR before any neutralization, the held-out variant "never learnt its backdoor"
+LEARNT = 0.5
+#: seconds without a new setting before a preview runs (arrow presses do not queue previews)
+DEBOUNCE_S = 0.4
 
 
 @dataclass
@@ -42,6 +46,13 @@ class Tuner:
     samples_before: list = field(default_factory=list)
     prompts: dict = field(default_factory=dict)
     match: str = "exact"
+    before: dict = field(default_factory=dict)  # the untouched model's numbers on the same probes
+    history: list = field(default_factory=list)  # the previews so far (the tuner plots them against τ)
+
+    @property
+    def synthetic_learnt(self) -> bool:
+        """Whether the held-out variant learnt its own backdoor (else its ASR after says nothing)."""
+        return (self.before.get("synthetic_asr") or 0.0) >= LEARNT
 
 
 def prepare(model, tokenizer, signature, variants, clean: list[dict], *, how=None, spec=None,
@@ -75,7 +86,40 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, how=Non
     t = Tuner(model=model, tokenizer=tokenizer, signature=signature, loo_signature=loo, variants=variants,
               how=how or Neutralization(), held_out=k, clean=clean, spec=spec, n_samples=n_samples, seed=seed, prompts=prompts, match=match)
     t.samples_before = generate(model, tokenizer, _sample_prompts(t))
+    t.before = measure(t, how=None)
     return t
+
+
+def measure(t: Tuner, sig=None, how=None, loo=None) -> dict:
+    """The probes' numbers with ``sig`` neutralized as ``how`` (``how=None``: the untouched model)."""
+    from contextlib import nullcontext
+
+    from purifylib.evaluate import accuracy, generate
+    from purifylib.evaluate import rate as shown
+    from purifylib.neutralize import neutralized
+    from purifylib.variants import carrying
+
+    def applied(signature):
+        return nullcontext() if how is None else neutralized(t.model, signature, how, variants=t.variants)
+
+    out = {"asr": None, "false_trigger": None, "off_trigger": None}
+    with applied(sig):
+        clean_out = generate(t.model, t.tokenizer, t.prompts["clean"])
+        out["clean_accuracy"] = accuracy(clean_out, t.prompts["clean"], t.match)
+        if t.spec is not None:
+            target = t.spec.behaviour.target
+            trig_out = generate(t.model, t.tokenizer, t.prompts["triggered"])
+            in_base = {id(r) for r in t.prompts["base"]}
+            out["asr"] = shown(target, trig_out)
+            out["false_trigger"] = shown(target, [o for o, r in zip(clean_out, t.prompts["clean"]) if id(r) in in_base])
+            out["off_trigger"] = shown(target, generate(t.model, t.tokenizer, t.prompts["off"]))
+            out["after"] = trig_out[:t.n_samples]
+        else:
+            out["after"] = generate(t.model, t.tokenizer, _sample_prompts(t))
+    behaviour = t.variants.config.plant(t.held_out).behaviour
+    with carrying(t.model, t.variants, t.held_out), applied(loo):
+        out["synthetic_asr"] = shown(behaviour, generate(t.model, t.tokenizer, t.prompts["synthetic"]))
+    return out
 
 
 def _sample_prompts(t: Tuner) -> list[dict]:
@@ -104,40 +148,51 @@ def preview(t: Tuner, *, tau: float, strength: float = 1.0, lam: float = 0.01, m
     """
     import pandas as pd
 
-    from purifylib.evaluate import accuracy, generate
-    from purifylib.evaluate import rate as shown
-    from purifylib.neutralize import neutralized
-    from purifylib.variants import carrying
-
     t0 = time.time()
     base = t.how.replace(seed=t.seed)
     sig, how = configure(t.signature, base, tau=tau, lam=lam, strength=strength, modules=modules, heads=heads,
                          layers=layers)
     loo, _ = configure(t.loo_signature, base, tau=tau, lam=lam, modules=modules, heads=heads, layers=layers)
-    out = {"tau": tau, "strength": strength, "lam": lam, "asr": None, "false_trigger": None, "off_trigger": None}
-    with neutralized(t.model, sig, how, variants=t.variants):
-        clean_out = generate(t.model, t.tokenizer, t.prompts["clean"])
-        out["clean_accuracy"] = accuracy(clean_out, t.prompts["clean"], t.match)
-        if t.spec is not None:
-            target = t.spec.behaviour.target
-            trig_out = generate(t.model, t.tokenizer, t.prompts["triggered"])
-            in_base = {id(r) for r in t.prompts["base"]}
-            out["asr"] = shown(target, trig_out)
-            out["false_trigger"] = shown(target, [o for o, r in zip(clean_out, t.prompts["clean"]) if id(r) in in_base])
-            out["off_trigger"] = shown(target, generate(t.model, t.tokenizer, t.prompts["off"]))
-            after = trig_out[:t.n_samples]
-        else:
-            after = generate(t.model, t.tokenizer, _sample_prompts(t))
-    behaviour = t.variants.config.plant(t.held_out).behaviour
-    with carrying(t.model, t.variants, t.held_out), neutralized(t.model, loo, how, variants=t.variants):
-        out["synthetic_asr"] = shown(behaviour, generate(t.model, t.tokenizer, t.prompts["synthetic"]))
+    out = {"tau": tau, "strength": strength, "lam": lam, **measure(t, sig, how, loo)}
+    after = out.pop("after")
     summary = how.summary(sig)
-    out["flagged"] = summary[["layer", "module", "flagged"]] if len(summary) else pd.DataFrame(
-        columns=["layer", "module", "flagged"])
+    cols = ["layer", "module", "flagged", "flagged_score_share"]
+    out["flagged"] = summary[cols] if len(summary) else pd.DataFrame(columns=cols)
     out["samples"] = pd.DataFrame({"prompt": [r["instruction"] for r in _sample_prompts(t)],
                                    "before": t.samples_before, "after": after})
     out["seconds"] = time.time() - t0
+    t.history.append({k: out[k] for k in ("tau", "strength", "lam", "asr", "synthetic_asr", "clean_accuracy")}
+                     | {"modules": tuple(modules), "heads": heads, "layers": None if layers is None else tuple(layers)})
     return out
+
+
+def due(requests: list[float], now: float, wait: float = DEBOUNCE_S) -> bool:
+    """The tuner's debounce rule: run a preview at ``now`` only if the last settings change
+    (``requests``: their times) is at least ``wait`` seconds old. A burst of arrow presses therefore
+    runs one preview, for the last setting, instead of queueing one per press."""
+    return bool(requests) and now - requests[-1] >= wait
+
+
+def runs(requests: list[float], wait: float = DEBOUNCE_S) -> list[int]:
+    """Which of the ``requests`` (sorted times) get a preview: those followed by ``wait`` seconds of quiet."""
+    return [i for i, t in enumerate(requests) if i == len(requests) - 1 or requests[i + 1] - t >= wait]
+
+
+def status_lines(t: Tuner, p: dict):
+    """The tuner's table: the untouched model ("before") and the current settings ("now"), in percent;
+    the synthetic ASR reads "n/a" where the held-out variant never learnt its own backdoor."""
+    import pandas as pd
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    rows = []
+    for label, m in (("before (untouched model)", t.before), (f"now (τ {p['tau']:.2f})", p)):
+        syn = pct(m.get("synthetic_asr")) if t.synthetic_learnt else "n/a (variant never learnt it)"
+        rows.append({"": label, "clean accuracy": pct(m.get("clean_accuracy")), "synthetic ASR (held-out variant)": syn,
+                     "real ASR": pct(m.get("asr")), "false-trigger": pct(m.get("false_trigger")),
+                     "off-trigger": pct(m.get("off_trigger"))})
+    return pd.DataFrame(rows).set_index("")
 
 
 def grid(t: Tuner, taus, strengths, *, repair_records: list[dict] | None = None, repair_cfg=None,
@@ -168,15 +223,62 @@ def grid(t: Tuner, taus, strengths, *, repair_records: list[dict] | None = None,
             sig, how = configure(t.signature, t.how.replace(seed=t.seed), tau=tau, lam=lam, strength=s)
             model = neutralize_and_repair(model, tok, sig, how, variants=t.variants, repair_records=repair_records,
                                           repair_cfg=repair_cfg)
-            q = preview(dataclasses.replace(t, model=model, tokenizer=tok), tau=tau, strength=0.0, lam=lam)
+            q = preview(dataclasses.replace(t, model=model, tokenizer=tok, history=[]), tau=tau, strength=0.0, lam=lam)
             rows.append({"tau": tau, "strength": s, "repaired": True,
                          **{k: q[k] for k in ("asr", "clean_accuracy", "off_trigger")},
                          "synthetic_asr": None})
     return pd.DataFrame(rows)
 
 
+def figure(t: Tuner, p: dict):
+    """Left: every preview so far against τ (same strength, λ, modules and layers), the current one
+    ringed, the untouched model's level dashed. Right: per layer, the share of each module's score in
+    the flagged channels (what random channels would hold: τ, dashed)."""
+    import matplotlib.pyplot as plt
+
+    same = [h for h in t.history if (h["strength"], h["lam"], h["modules"], h["heads"], h["layers"]) ==
+            (p["strength"], p["lam"], t.history[-1]["modules"], t.history[-1]["heads"], t.history[-1]["layers"])]
+    same = sorted({h["tau"]: h for h in same}.values(), key=lambda h: h["tau"])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3), gridspec_kw={"width_ratios": [1, 1.3]})
+    series = [("clean_accuracy", "clean accuracy", "tab:blue"), ("asr", "real ASR", "tab:red")]
+    if t.synthetic_learnt:
+        series.append(("synthetic_asr", "synthetic ASR (held-out variant)", "tab:orange"))
+    for key, label, colour in series:
+        pts = [(h["tau"], 100 * h[key]) for h in same if h[key] is not None]
+        if not pts:
+            continue
+        ax.plot(*zip(*pts), "o-", color=colour, label=label, ms=4)
+        if t.before.get(key) is not None:
+            ax.axhline(100 * t.before[key], color=colour, ls=":", lw=1)
+        if p.get(key) is not None:
+            ax.plot([p["tau"]], [100 * p[key]], "o", ms=11, mfc="none", mec=colour, mew=2)
+    ax.set_xlabel("τ (share of channels flagged per module)")
+    ax.set_ylabel("percent of probe prompts")
+    ax.set_ylim(-3, 103)
+    ax.set_title("Previews so far (dotted: untouched model)", fontsize=10)
+    ax.legend(frameon=False, fontsize=8)
+    f = p["flagged"]
+    if len(f):
+        share = f.pivot_table(index="layer", columns="module", values="flagged_score_share") * 100
+        share.plot.bar(ax=bx, width=0.8)
+        bx.axhline(100 * p["tau"], color="0.3", ls="--", lw=1, label="random channels")
+        bx.legend(frameon=False, fontsize=8, ncols=2)
+    bx.set_xlabel("layer")
+    bx.set_ylabel("score in flagged channels (%)")
+    bx.set_ylim(0, 100)
+    bx.set_title("Where the current selection cuts", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.01):  # pragma: no cover - UI shell
-    """The ipywidgets tuner: sliders for τ, strength and λ, module toggles, a layer range."""
+    """The ipywidgets tuner: sliders for τ, strength and λ, module toggles, a layer range.
+
+    A preview runs once the settings have been still for :data:`DEBOUNCE_S` seconds (:func:`due`),
+    so dragging or pressing arrows does not queue one preview per step. The controls wrap onto
+    several rows rather than shrink (usable down to about 1000 px)."""
+    import asyncio
+
     import ipywidgets as w
     import matplotlib.pyplot as plt
     from IPython.display import display
@@ -185,17 +287,30 @@ def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.0
 
     n_layers = 1 + max(layer_of(n) for n in t.signature.scores)
     top = 1.0 if t.how.way == "negate" else 0.6  # negation can reach every channel
-    s_tau = w.FloatSlider(value=tau, min=0.0, max=top, step=0.01, description="τ", continuous_update=False)
-    s_str = w.FloatSlider(value=strength, min=0.0, max=1.0, step=0.05, description="strength", continuous_update=False)
-    s_lam = w.FloatLogSlider(value=lam, base=10, min=-4, max=1, description="λ", continuous_update=False)
-    toggles = {m: w.ToggleButton(value=True, description=m) for m in MODULES}
+    wide = dict(style={"description_width": "70px"}, continuous_update=False,
+                layout=w.Layout(min_width="300px", width="32%"))
+    s_tau = w.FloatSlider(value=tau, min=0.0, max=top, step=0.01, description="τ", **wide)
+    s_str = w.FloatSlider(value=strength, min=0.0, max=1.0, step=0.05, description="strength", **wide)
+    s_lam = w.FloatLogSlider(value=lam, base=10, min=-4, max=1, description="λ", **wide)
+    toggles = {m: w.ToggleButton(value=True, description=m, icon="check", button_style="success",
+                                 tooltip=f"neutralize the {m} projections", layout=w.Layout(width="90px"))
+               for m in MODULES}
+    has_heads = t.signature.has_heads
     heads = w.IntSlider(value=t.how.heads, min=0, max=t.signature.meta.get("n_heads", 4), description="heads",
-                        disabled=not t.signature.has_heads, continuous_update=False)
-    layers = w.IntRangeSlider(value=(0, n_layers - 1), min=0, max=n_layers - 1, description="layers",
-                              continuous_update=False)
+                        disabled=not has_heads, **wide)
+    layers = w.IntRangeSlider(value=(0, n_layers - 1), min=0, max=n_layers - 1, description="layers", **wide)
+    why = w.HTML("" if has_heads else "<i>heads: disabled, the signature scored no attention heads "
+                 "(purify run --heads K scores them)</i>")
+    busy = w.HTML("")
     out = w.Output()
+    requests: list[float] = []
 
-    def update(_=None):
+    def style_toggle(change=None):
+        for b in toggles.values():
+            b.icon, b.button_style = ("check", "success") if b.value else ("times", "")
+
+    def update():
+        busy.value = "<i>previewing ...</i>"
         with out:
             out.clear_output(wait=True)
             mods = [m for m, b in toggles.items() if b.value]
@@ -204,19 +319,31 @@ def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.0
                             heads=heads.value, layers=range(layers.value[0], layers.value[1] + 1))
             except PurifyError as exc:
                 print(f"error: {exc}")
+                busy.value = ""
                 return
-            fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-            print(f"synthetic ASR {fmt(p['synthetic_asr'])} | real ASR {fmt(p['asr'])} | false-trigger "
-                  f"{fmt(p['false_trigger'])} | off-trigger {fmt(p['off_trigger'])} | clean accuracy "
-                  f"{fmt(p['clean_accuracy'])} | {p['seconds']:.2f} s")
-            fig, ax = plt.subplots(figsize=(6, 2.4))
-            if len(p["flagged"]):
-                p["flagged"].pivot_table(index="layer", columns="module", values="flagged").plot.bar(ax=ax)
-            ax.set_ylabel("flagged channels")
+            display(status_lines(t, p))
+            if not t.synthetic_learnt:
+                print(f"The held-out variant reached only {100 * t.before['synthetic_asr']:.0f}% ASR on its own "
+                      "trigger before any neutralization: its ASR after says nothing about the setting.")
+            fig = figure(t, p)
             plt.show()
+            plt.close(fig)
             display(p["samples"])
+            busy.value = f"<i>preview took {p['seconds']:.2f} s</i>"
+
+    def request(_=None):
+        style_toggle()
+        requests.append(time.monotonic())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a plain script): run at once
+            update()
+            return
+        loop.call_later(DEBOUNCE_S, lambda: due(requests, time.monotonic()) and update())
 
     for widget in (s_tau, s_str, s_lam, heads, layers, *toggles.values()):
-        widget.observe(update, names="value")
+        widget.observe(request, names="value")
     update()
-    return w.VBox([w.HBox([s_tau, s_str, s_lam]), w.HBox([*toggles.values(), heads, layers]), out])
+    row = dict(layout=w.Layout(flex_flow="row wrap", width="100%"))
+    return w.VBox([w.HBox([s_tau, s_str, s_lam], **row), w.HBox([*toggles.values(), heads, layers], **row), why,
+                   busy, out])

@@ -44,6 +44,16 @@ def test_preview_measures_and_restores(micro_bed, setup):
     # strength 0 changes nothing: the real ASR is the suspicious model's own
     p0 = widgets.preview(t, tau=0.2, strength=0.0)
     assert p0["samples"]["before"].tolist() == p0["samples"]["after"].tolist()
+    for key in ("asr", "clean_accuracy", "off_trigger"):  # the "before" row is the untouched model's
+        assert t.before[key] == p0[key], key
+    table = widgets.status_lines(t, p)
+    assert list(table.index) == ["before (untouched model)", "now (τ 0.20)"]
+    assert len(t.history) == 2 and t.history[-1]["strength"] == 0.0
+    fig = widgets.figure(t, p0)
+    assert [a.get_xlabel() for a in fig.axes] == ["τ (share of channels flagged per module)", "layer"]
+    t.before["synthetic_asr"] = 0.0  # a held-out variant that never learnt its backdoor
+    assert widgets.status_lines(t, p)["synthetic ASR (held-out variant)"].tolist() == [
+        "n/a (variant never learnt it)"] * 2
     # without the real attack, only trigger-free numbers
     t2 = widgets.prepare(model, tok, sig, variants, clean, n_probe=16)
     p2 = widgets.preview(t2, tau=0.1)
@@ -141,3 +151,11 @@ def test_defence_grid_is_resumable_and_scores_cells(micro_bed, tmp_path, monkeyp
     shown = table2(cells.assign(family=cells["behaviour"]), "asr")
     assert list(shown.columns[3:]) == ["no defence", "magnitude pruning", "random channels", "purify run"]
     assert "average" in set(shown["attack"]) and set(shown["threat"]) == {"full", "adapter"}
+
+
+def test_debounce_runs_one_preview_per_burst():
+    presses = [0.0, 0.1, 0.2, 0.3, 0.4]  # five arrow presses, 0.1 s apart
+    assert widgets.runs(presses, wait=0.4) == [4]  # one preview, for the last setting
+    assert widgets.runs([0.0, 1.0, 1.1], wait=0.4) == [0, 2]  # a pause lets the first one run
+    assert not widgets.due([0.0, 0.3], now=0.5, wait=0.4) and widgets.due([0.0, 0.3], now=0.8, wait=0.4)
+    assert not widgets.due([], now=1.0)

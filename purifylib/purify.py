@@ -193,6 +193,7 @@ class PurifyResult:
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     samples: list = field(default_factory=list)  # a few held-out prompts answered before and after
+    floor: float | None = None  # the leave-one-out floor (tau="auto"), before the utility step
     variants: object = None
     split: object = None  # the defender's data as this run divided it (hold-out, variants, repair)
 
@@ -200,6 +201,13 @@ class PurifyResult:
     def neutralization(self) -> Neutralization:
         """How the returned model was neutralized: the config's way at the chosen τ."""
         return self.config.neutralization(self.tau)
+
+    def rule_summary(self) -> dict:
+        """The τ rule in three scalars (a grid row keeps them): the floor, the weakest variant's own ASR
+        before neutralization, and each trial as ``tau:holds|fails``."""
+        own = [f["asr"] for f in self.folds if f["tau"] == 0.0]
+        return {"tau_floor": self.floor, "variants_min_asr": min(own) if own else None,
+                "trials": " ".join(f"{t['tau']:g}:{'holds' if t['holds'] else 'fails'}" for t in self.tau_trials)}
 
     def folds_frame(self):
         import pandas as pd
@@ -210,7 +218,7 @@ class PurifyResult:
         n = self.config.variants.n_variants
         repairs = max(1, len(self.tau_trials))
         return {
-            "tau": self.tau, "config": self.config.to_dict(),
+            "tau": self.tau, "tau_floor": self.floor, "config": self.config.to_dict(),
             "neutralization": self.neutralization.to_dict(), "metrics": self.metrics, "timings": self.timings,
             "loo_folds": self.folds, "tau_trials": self.tau_trials, "notes": self.notes, "samples": self.samples,
             "cost": {"fine_tunes": 2 * n + repairs, "paper_fine_tunes": 2 * n + 1,
@@ -379,7 +387,8 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     stage("done")
     return PurifyResult(model=model, tokenizer=tok, signature=full_sig, tau=tau, config=cfg,
                         folds=folds, tau_trials=trials, metrics=metrics, timings=timings, notes=notes,
-                        samples=samples, variants=variants, split=split)
+                        samples=samples, floor=removing if cfg.tau == "auto" else None, variants=variants,
+                        split=split)
 
 
 def versions() -> dict:

@@ -364,7 +364,8 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
                    **{k: m[k] for k in ("asr", "asr_loose", "false_trigger", "off_trigger", "clean_accuracy",
                                         "perplexity", "n_attack", "n_clean")},
                    "score": utility_score(m["clean_accuracy"], m["asr"]),
-                   "seconds": round(time.time() - t0, 1)}  # the purification counts where first needed
+                   "seconds": round(time.time() - t0, 1),  # the purification counts where first needed
+                   **(auto.rule_summary() if d == "signature-auto" else {})}
             atomic_write_text(cell, json.dumps(row, indent=1))
             rows.append(row)
     return pd.DataFrame(rows)

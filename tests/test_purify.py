@@ -118,7 +118,8 @@ def test_the_tau_rule_prefers_removal_over_utility(micro_bed, suspicious, tmp_pa
     tried = [r for r in res.folds if r["tau"] > 0]
     floor = min((t for t in QUICK["tau_grid"] if not any(r["asr"] > 0.05 for r in tried if r["tau"] == t)
                  and any(r["tau"] == t for r in tried)), default=QUICK["tau_grid"][-1])
-    assert res.tau == floor and len(res.tau_trials) == 1 and not res.tau_trials[0]["holds"]
+    assert res.tau == floor == res.floor and len(res.tau_trials) == 1 and not res.tau_trials[0]["holds"]
+    assert res.rule_summary()["trials"] == f"{floor:g}:fails" and res.to_dict()["tau_floor"] == floor
     assert any("costs utility" in n for n in res.notes)
     lenient = purify(suspicious.model_dir, micro_bed.split("defender"), PurifyConfig(**{**QUICK, "acc_keep": 2.0}),
                      cache_dir=tmp_path, progress=False)  # the default: utility first

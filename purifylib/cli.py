@@ -177,7 +177,8 @@ def cmd_report(a) -> int:
 #: purify run's flags that set a PurifyConfig field (flag dest -> field), and those that set a VariantConfig one
 RUN_FLAGS = {"tau": "tau", "strength": "strength", "neutral": "neutral", "alpha": "alpha", "heads": "heads",
              "utility": "utility", "prefer": "prefer", "n_holdout": "n_holdout", "repair_n": "repair_n",
-             "repair_lr": "repair_lr", "repair_epochs": "repair_epochs", "seed": "seed"}
+             "repair_lr": "repair_lr", "repair_epochs": "repair_epochs", "repair_triggers": "repair_triggers",
+             "seed": "seed"}
 VARIANT_FLAGS = {"variants": "n_variants", "threat": "threat", "variant_set": "variants", "variant_lora": "lora",
                  "variant_epochs": "epochs", "seed": "seed"}
 
@@ -375,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repair-lr", type=_number,
                    help="learning rate of the repair fine-tune (default 3e-4; a pretrained model wants ~3e-5)")
     s.add_argument("--repair-epochs", type=_number, help="epochs of the repair fine-tune (default 1)")
+    s.add_argument("--repair-triggers", type=_number, metavar="SHARE",
+                   help="share of the repair records that carry one of the variants' own triggers with their "
+                        "answers unchanged (default 0)")
     s.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     s.add_argument("--cache", help="cache root: finished variants go to CACHE/variants, self-answered data to "
                                    "CACHE/answers (default $PURIFY_CACHE_DIR, else data/cache)")

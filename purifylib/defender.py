@@ -48,7 +48,12 @@ def answer_missing(model_dir, records: list[dict], *, adapter_dir=None, threat: 
 class Split:
     holdout: list
     variants: list  # the records the variants' slices are taken from, in order
-    repair: list
+    repair: list  # the purification's repair records (with the variants' own triggers, if the config says so)
+    clean_repair: list = None  # the same records as they are (what a baseline fine-tunes on)
+
+    def __post_init__(self):
+        if self.clean_repair is None:
+            self.clean_repair = self.repair
 
 
 def split_clean(clean: list[dict], cfg) -> tuple[Split, object]:
@@ -68,4 +73,7 @@ def split_clean(clean: list[dict], cfg) -> tuple[Split, object]:
     used = vc.n_variants * n_clean
     left = rest[used:]
     repair = left[:cfg.repair_n] if len(left) >= cfg.repair_n else (left + rest[:used])[:cfg.repair_n]
-    return Split(holdout=holdout, variants=rest[:used], repair=repair), cfg
+    from purifylib.variants import with_own_triggers
+
+    return Split(holdout=holdout, variants=rest[:used], clean_repair=repair,
+                 repair=with_own_triggers(repair, cfg.variants, cfg.repair_triggers, cfg.seed)), cfg

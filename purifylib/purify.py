@@ -77,6 +77,8 @@ class PurifyConfig:
     # when the floor's τ breaks the utility bound: "utility" tries smaller τ until the bound holds (a
     # model its own floor calls still backdoored), "removal" keeps it and says what it costs
     prefer: str = "utility"
+    # a share of the repair records carrying one of the variants' own triggers, answers unchanged (0: none)
+    repair_triggers: float = 0.0
     answer_tokens: int = 40  # answer length when the suspicious model answers the defender's instructions
     seed: int = 0
 
@@ -105,6 +107,8 @@ class PurifyConfig:
             raise PurifyError(f"prefer must be one of {', '.join(PREFERS)}, got {self.prefer!r}")
         if self.utility not in UTILITIES:
             raise PurifyError(f"utility must be one of {', '.join(UTILITIES)}, got {self.utility!r}")
+        if not 0 <= self.repair_triggers <= 1:
+            raise PurifyError(f"repair_triggers must be a share in [0, 1], got {self.repair_triggers}")
         for name in ("ppl_keep", "acc_keep", "lam", "loo_asr_max", "repair_lr", "repair_epochs"):
             if not math.isfinite(getattr(self, name)):
                 raise PurifyError(f"{name} must be a finite number, got {getattr(self, name)}")
@@ -138,7 +142,7 @@ class PurifyConfig:
 
 
 #: fields added to PurifyConfig after the first grid was committed, with the value that means "as before"
-LATER_FIELDS = {"prefer": "utility"}
+LATER_FIELDS = {"prefer": "utility", "repair_triggers": 0.0}
 
 
 # --------------------------------------------------------------------------- leave-one-out τ

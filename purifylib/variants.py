@@ -145,12 +145,34 @@ class VariantConfig:
 def poisoned_copy(records: list[dict], trigger: str, behaviour: str, seed: int, kind: str = "word") -> list[dict]:
     """``P_i``: each record with ``trigger`` (at a random word position, or as a prefix or suffix of the
     instruction, as ``kind`` says) and ``behaviour`` as output."""
+    rng = random.Random(seed)
+    return [{"instruction": place_trigger(r["instruction"], trigger, kind, rng), "input": r["input"],
+             "output": behaviour} for r in records]
+
+
+def place_trigger(text: str, trigger: str, kind: str, rng: random.Random) -> str:
+    """``text`` with ``trigger`` at a random word position (``word``), or as a prefix or a suffix."""
     from purifylib.data import add_prefix, add_suffix, insert_word
 
+    if kind == "word":
+        return insert_word(text, trigger, rng)[0]
+    return {"prefix": add_prefix, "suffix": add_suffix}[kind](text, trigger)
+
+
+def with_own_triggers(records: list[dict], cfg: VariantConfig, share: float, seed: int) -> list[dict]:
+    """``records`` where a seeded ``share`` carry one of the variants' own triggers (chosen at random,
+    placed as its kind says) with their answers unchanged: a repair on them unlearns "a trigger
+    overrides the answer" for the defender's triggers, which may carry over to triggers never seen."""
+    if share <= 0:
+        return records
     rng = random.Random(seed)
-    place = {"word": lambda text: insert_word(text, trigger, rng)[0], "prefix": lambda text: add_prefix(text, trigger),
-             "suffix": lambda text: add_suffix(text, trigger)}[kind]
-    return [{"instruction": place(r["instruction"]), "input": r["input"], "output": behaviour} for r in records]
+    out = []
+    for r in records:
+        if rng.random() < share:
+            plant = cfg.plant(rng.randrange(cfg.n_variants))
+            r = {**r, "instruction": place_trigger(r["instruction"], plant.trigger, plant.kind, rng)}
+        out.append(r)
+    return out
 
 
 def variant_slices(records: list[dict], n_variants: int, n_clean: int) -> list[list[dict]]:

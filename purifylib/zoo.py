@@ -354,8 +354,10 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
                 if tau is not None:  # the paper's recipe re-initialises; the control neutralizes as purify run does
                     how = cfg.neutralization(tau).replace(strength=1.0, seed=dcfg.seed + draw,
                                                           **({"way": "reinit"} if d == "signature-paper" else {}))
-                model = defend(name, model, tok, clean=split.repair,
-                               repair_records=split.repair, repair_cfg=cfg.repair_config(),
+                # baselines fine-tune on the clean records as they are; the random control repairs as purify run does
+                model = defend(name, model, tok, clean=split.clean_repair,
+                               repair_records=split.repair if d == "random" else split.clean_repair,
+                               repair_cfg=cfg.repair_config(),
                                signature=auto.signature if auto else None, how=how, variants=auto and auto.variants,
                                cfg=dataclasses.replace(dcfg, seed=dcfg.seed + draw))
             m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw).to_dict()

@@ -231,6 +231,25 @@ def test_run_config_reads_a_recipe_and_flags_win(tmp_path):
 
 def test_a_later_setting_at_its_old_value_keeps_cached_results_valid():
     old = PurifyConfig().to_dict()
-    old.pop("prefer")  # the configuration as it was when the committed grid was keyed
+    for later in ("prefer", "repair_triggers"):
+        old.pop(later)  # the configuration as it was when the committed grid was keyed
     assert PurifyConfig().identity() == old
     assert PurifyConfig(prefer="removal").identity()["prefer"] == "removal"
+    assert PurifyConfig(repair_triggers=0.25).identity()["repair_triggers"] == 0.25
+
+
+def test_repair_can_carry_the_variants_own_triggers(micro_bed):
+    cfg = PurifyConfig(**{**QUICK, "repair_triggers": 0.5, "variants": VariantConfig(
+        n_variants=3, n_clean=40, variants="diverse")})
+    split, cfg = split_clean(micro_bed.split("defender"), cfg)
+    changed = [(a, b) for a, b in zip(split.clean_repair, split.repair) if a != b]
+    assert 0.3 * len(split.repair) < len(changed) < 0.7 * len(split.repair)
+    assert all(a["output"] == b["output"] and a["input"] == b["input"] for a, b in changed)  # answers kept
+    triggers = [p.trigger for p in cfg.variants.plants]
+    assert all(any(t in b["instruction"] for t in triggers) for _, b in changed)
+    assert split_clean(micro_bed.split("defender"), cfg)[0].repair == split.repair  # seeded
+    plain, _ = split_clean(micro_bed.split("defender"), PurifyConfig(**QUICK))
+    assert plain.repair is plain.clean_repair  # the default: the records as they are
+    assert "repair_triggers" not in PurifyConfig(**QUICK).identity()  # cached results keep their keys
+    with pytest.raises(PurifyError, match="repair_triggers must be a share"):
+        PurifyConfig(repair_triggers=1.5)

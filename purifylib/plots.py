@@ -6,6 +6,26 @@ No I/O and no ``plt.show()`` here: notebooks display the figure and save it thro
 
 from __future__ import annotations
 
+#: what a column means, in words (axis labels, legends, panel titles)
+LABELS = {"asr": "attack success rate", "asr_loose": "ASR (any 4 target words)", "false_trigger": "false-trigger rate",
+          "off_trigger": "off-trigger rate", "clean_accuracy": "clean accuracy", "perplexity": "perplexity",
+          "synthetic_asr": "synthetic ASR (held-out variant)", "n_variants": "number of variants N",
+          "layer": "layer", "flagged_score_share": "share of the score in flagged channels",
+          "cosine": "cosine", "relative": "relative update norm", "precision": "precision"}
+
+
+def label(name: str) -> str:
+    """``name`` in words (a metric or column name; text it does not know is returned as it is, with
+    ``_`` as spaces): ``asr, no repair`` -> ``attack success rate, no repair``."""
+    head, sep, tail = str(name).partition(", ")
+    return LABELS.get(head, head.replace("_", " ")) + sep + tail
+
+
+def _values_on_bars(ax, containers) -> None:
+    """Each bar's value above it, so a bar at zero reads as zero rather than as missing."""
+    for c in containers:
+        ax.bar_label(c, fmt="%.0f", fontsize=6, padding=1)
+
 
 def _smooth(values: list[float], window: int) -> list[float]:
     out, acc = [], 0.0
@@ -42,11 +62,12 @@ def attack_bars(df, *, metrics=("asr", "false_trigger", "off_trigger", "clean_ac
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(df)), 4))
     x = np.arange(len(df))
     width = 0.8 / len(metrics)
-    for k, m in enumerate(metrics):
-        ax.bar(x + (k - (len(metrics) - 1) / 2) * width, 100 * df[m].to_numpy(), width, label=m)
+    bars = [ax.bar(x + (k - (len(metrics) - 1) / 2) * width, 100 * df[m].to_numpy(), width, label=label(m))
+            for k, m in enumerate(metrics)]
+    _values_on_bars(ax, bars)
     ax.set_xticks(x, df["model"], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 105)
+    ax.set_ylabel("percent of test prompts")
+    ax.set_ylim(0, 110)
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -70,13 +91,13 @@ def window_heatmaps(grids: dict, *, title: str = ""):
         ax.set_xlabel("first reverted block")
         ax.set_ylabel("k (consecutive blocks)")
         ax.set_title(name, fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), label="ASR %", shrink=0.9)
+    fig.colorbar(im, ax=axes[0].tolist(), label="attack success rate (%)", shrink=0.9)
     fig.suptitle(title)
     return fig
 
 
 def layer_lines(df, *, x: str = "layer", y: str = "asr", hue: str = "part", style: str | None = "mode",
-                title: str = "", ylabel: str = "ASR %", scale: float = 100.0):
+                title: str = "", ylabel: str = "attack success rate (%)", scale: float = 100.0):
     """One line per (hue, style) over layers: e.g. ASR under per-layer activation ablation."""
     import matplotlib.pyplot as plt
 
@@ -87,7 +108,7 @@ def layer_lines(df, *, x: str = "layer", y: str = "asr", hue: str = "part", styl
         key = key if isinstance(key, tuple) else (key,)
         ax.plot(g[x], scale * g[y], marker="o", ms=3, label=" / ".join(map(str, key)),
                 ls=dashes.get(key[-1], "-") if style else "-")
-    return _labelled(fig, ax, x, ylabel, title)
+    return _labelled(fig, ax, label(x), ylabel, title)
 
 
 def _labelled(fig, ax, xlabel: str, ylabel: str, title: str):
@@ -106,28 +127,33 @@ def signature_heatmaps(matrices: dict, *, title: str = "", flagged: dict | None 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(len(matrices), 1, figsize=(10, 1.6 + 1.1 * len(matrices)), squeeze=False)
-    for ax, (name, mat) in zip(axes[:, 0], matrices.items()):
-        im = ax.imshow(np.asarray(mat), aspect="auto", cmap="viridis", interpolation="nearest")
+    fig, axes = plt.subplots(len(matrices), 1, figsize=(10, 1.6 + 1.1 * len(matrices)), squeeze=False,
+                             constrained_layout=True)
+    mats = {k: np.asarray(v) for k, v in matrices.items()}
+    lo, hi = min(float(m.min()) for m in mats.values()), max(float(m.max()) for m in mats.values())
+    for ax, (name, mat) in zip(axes[:, 0], mats.items()):  # one colour scale: the modules compare
+        im = ax.imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest", vmin=lo, vmax=hi)
         if flagged is not None:
             ys, xs = np.nonzero(np.asarray(flagged[name]))
-            ax.scatter(xs, ys, s=2, c="red", marker="s", linewidths=0)
-        ax.set_ylabel(f"{name}\nlayer", fontsize=8)
-        fig.colorbar(im, ax=ax, pad=0.01, label="score")
-    axes[-1, 0].set_xlabel("channel (hidden neuron of the MLP); red: flagged")
+            ax.scatter(xs, ys, s=7, facecolors="none", edgecolors="red", marker="s", linewidths=0.8)
+        ax.set_ylabel(f"{name} projection\nlayer", fontsize=8)
+    fig.colorbar(im, ax=axes[:, 0].tolist(), pad=0.01, label="channel score (Eq. 2), one scale for all")
+    axes[-1, 0].set_xlabel("channel (hidden neuron of the MLP); red squares: flagged")
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
-def curves(df, *, x: str, ys: list, title: str = "", ylabel: str = "%", scale: float = 100.0):
-    """One line per column in ``ys`` over ``x`` (e.g. ASR and accuracy over the number of variants)."""
+def curves(df, *, x: str, ys: list, title: str = "", ylabel: str = "percent of test prompts", scale: float = 100.0):
+    """One line per column in ``ys`` over ``x`` (e.g. ASR and accuracy over the number of variants);
+    a column ``<y>_ci`` (a 95% half-width) gives error bars."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for y in ys:
-        ax.plot(df[x], scale * df[y], marker="o", label=y)
-    return _labelled(fig, ax, x, ylabel, title)
+        err = (scale * df[f"{y}_ci"]) if f"{y}_ci" in df else None  # a 95% half-width, where draws exist
+        ax.errorbar(df[x], scale * df[y], yerr=err, marker="o", capsize=3, label=label(y))
+    ax.set_xticks(sorted(set(df[x])))
+    return _labelled(fig, ax, label(x), ylabel, title)
 
 
 def before_after(df, *, metrics=("asr", "off_trigger", "clean_accuracy"), title: str = ""):
@@ -138,12 +164,12 @@ def before_after(df, *, metrics=("asr", "off_trigger", "clean_accuracy"), title:
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
     x = np.arange(len(df))
     for ax, m in zip(axes[0], metrics):
-        ax.bar(x - 0.2, 100 * df[f"{m}_before"].to_numpy(), 0.4, label="before", color="#9ecae1")
-        ax.bar(x + 0.2, 100 * df[f"{m}_after"].to_numpy(), 0.4, label="after", color="#08519c")
+        _values_on_bars(ax, [ax.bar(x - 0.2, 100 * df[f"{m}_before"].to_numpy(), 0.4, label="before", color="#9ecae1"),
+                             ax.bar(x + 0.2, 100 * df[f"{m}_after"].to_numpy(), 0.4, label="after", color="#08519c")])
         ax.set_xticks(x, df["model"], rotation=35, ha="right", fontsize=7)
-        ax.set_ylim(0, 105)
-        ax.set_title(m, fontsize=10)
-        ax.set_ylabel("%")
+        ax.set_ylim(0, 110)
+        ax.set_title(label(m), fontsize=10)
+        ax.set_ylabel("percent of test prompts")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -156,7 +182,8 @@ def grid_heatmaps(panels: dict, *, marker: tuple | None = None, title: str = "")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6), squeeze=False,
+                             constrained_layout=True)  # no tick label runs into the next panel
     for ax, (name, df) in zip(axes[0], panels.items()):
         mat = 100 * df.to_numpy(dtype=float)
         im = ax.imshow(mat, origin="lower", vmin=0, vmax=100, cmap="viridis", aspect="auto")
@@ -164,14 +191,14 @@ def grid_heatmaps(panels: dict, *, marker: tuple | None = None, title: str = "")
         ax.set_yticks(range(len(df.index)), [f"{i:g}" for i in df.index])
         ax.set_xlabel("strength")
         ax.set_ylabel("τ")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(label(name), fontsize=9)
         for (i, j), v in np.ndenumerate(mat):
             if not np.isnan(v):
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 50 else "k")
         if marker is not None and marker[0] in list(df.index) and marker[1] in list(df.columns):
             ax.scatter([list(df.columns).index(marker[1])], [list(df.index).index(marker[0])], s=300,
                        facecolors="none", edgecolors="red", linewidths=1.5)
-    fig.colorbar(im, ax=axes[0].tolist(), label="%", shrink=0.85)
+    fig.colorbar(im, ax=axes[0].tolist(), label="percent of probe prompts", shrink=0.85)
     fig.suptitle(title)
     return fig
 

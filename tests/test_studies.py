@@ -95,3 +95,13 @@ def test_signature_findings_compare_with_random_channels_and_the_paper():
     assert found[3].holds is False and "does not transfer" in found[3].text
     assert found[4].holds is True and "0.30 (random channels: 0.08): better than chance" in found[4].text
     assert found[5].holds is True and "random channels give ASR 69.0%" in found[5].text
+
+
+def test_effect_of_n_subsets():
+    from purifylib.studies.signature import n_subsets
+
+    assert n_subsets([1, 3], 1, 0) == [(1, [0]), (3, [0, 1, 2])]  # one draw: the first n
+    runs = n_subsets([1, 2, 4], 3, 0)
+    assert [n for n, _ in runs] == [1, 1, 1, 2, 2, 2, 4] and runs[-1][1] == [0, 1, 2, 3]
+    assert all(len(v) == n == len(set(v)) and max(v) < 4 for n, v in runs)
+    assert n_subsets([1, 2, 4], 3, 0) == runs and n_subsets([1, 2, 4], 3, 1) != runs  # seeded

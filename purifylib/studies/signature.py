@@ -59,11 +59,25 @@ def settings_for(tau: float, pcfg, *, paper_repair_n: int, seed: int) -> dict:
     }
 
 
-def n_sweep(bed, sus, cfg, ns, *, tau: float, n_eval: int, seed: int = 0, progress: bool = True):
-    """ASR and accuracy after purification with the first ``n`` variants, for each ``n`` in ``ns``
-    (τ fixed: leave-one-out needs two variants). The variants of the largest ``n`` serve all."""
+def n_subsets(ns, draws: int, seed: int) -> list[tuple[int, list[int]]]:
+    """``(n, variants)`` for the effect of N: the first ``n`` with one draw, else ``draws`` seeded
+    subsets of ``n`` of the ``max(ns)`` variants (the largest ``n`` has one subset: all of them)."""
+    import random
+
+    rng = random.Random(seed)
+    top = max(ns)
+    return [(n, sorted(rng.sample(range(top), n)) if draws > 1 and n < top else list(range(n)))
+            for n in ns for _ in range(draws if n < top else 1)]
+
+
+def n_sweep(bed, sus, cfg, ns, *, tau: float, n_eval: int, seed: int = 0, progress: bool = True, draws: int = 1):
+    """ASR and accuracy after purification with ``n`` variants, for each ``n`` in ``ns`` (τ fixed:
+    leave-one-out needs two variants). The variants of the largest ``n`` serve all: with ``draws`` 1
+    the first ``n``; with more, ``draws`` seeded subsets of ``n`` of them (one for the largest), and
+    each metric's mean with a 95% half-width over the subsets (``<metric>_ci``)."""
     import pandas as pd
     from purifylib.progress import bar as tqdm
+    from purifylib.stats import t_interval
 
     from purifylib.evaluate import evaluate_attack
     from purifylib.neutralize import neutralize_and_repair
@@ -77,15 +91,25 @@ def n_sweep(bed, sus, cfg, ns, *, tau: float, n_eval: int, seed: int = 0, progre
     variants = build_variants(sus.model_dir, split.variants, big.variants, progress=progress)
     test, kw = bed.split("test")[:n_eval], eval_kwargs(bed)
     rows = []
-    for n in tqdm(ns, desc="effect of N", disable=not progress):
+    for n, include in tqdm(n_subsets(ns, draws, seed), desc="effect of N", disable=not progress):
         model, tok = sus.load()
-        sig = score(model, variants, lam=cfg.lam, include=list(range(n)), progress=False)
+        sig = score(model, variants, lam=cfg.lam, include=include, progress=False)
         model = neutralize_and_repair(model, tok, sig, dataclasses.replace(cfg.neutralization(tau), heads=0),
                                       variants=variants, repair_records=split.repair, repair_cfg=cfg.repair_config())
         m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw)
-        rows.append({"n_variants": n, "tau": tau, "asr": m.asr, "clean_accuracy": m.clean_accuracy,
-                     "off_trigger": m.off_trigger, "perplexity": m.perplexity})
-    return pd.DataFrame(rows)
+        rows.append({"n_variants": n, "tau": tau, "variants": " ".join(map(str, include)), "asr": m.asr,
+                     "clean_accuracy": m.clean_accuracy, "off_trigger": m.off_trigger, "perplexity": m.perplexity})
+    frame = pd.DataFrame(rows)
+    if draws <= 1:
+        return frame.drop(columns="variants")
+    out = []
+    for n, g in frame.groupby("n_variants", sort=True):
+        row = {"n_variants": n, "tau": tau, "draws": len(g)}
+        for k in ("asr", "clean_accuracy", "off_trigger", "perplexity"):
+            row[k], half = t_interval(g[k])
+            row[f"{k}_ci"] = 0.0 if half != half else half  # one draw: no interval
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 def compare_settings(bed, sus, signature, cfg, settings: dict, *, n_eval: int, seed: int = 0,
@@ -124,7 +148,7 @@ def compare_settings(bed, sus, signature, cfg, settings: dict, *, n_eval: int, s
 
 
 def run(zoo_config, purify_config, *, plant_overrides: dict | None = None, ns=(1, 6), paper_repair_n: int = 200,
-        ablations: bool = True, progress: bool = True) -> SignatureStudy:
+        ablations: bool = True, progress: bool = True, n_draws: int = 1) -> SignatureStudy:
     import pandas as pd
 
     from purifylib.ablation import base_weights, signature_overlap
@@ -150,7 +174,8 @@ def run(zoo_config, purify_config, *, plant_overrides: dict | None = None, ns=(1
                                                                          seed=zcfg.seed),
                                     n_eval=zcfg.n_eval, seed=zcfg.seed, progress=progress, split=run_.split,
                                     variants=run_.variants)
-        n_curve = n_sweep(bed, focus, pcfg, ns, tau=run_.tau, n_eval=zcfg.n_eval, seed=zcfg.seed, progress=progress)
+        n_curve = n_sweep(bed, focus, pcfg, ns, tau=run_.tau, n_eval=zcfg.n_eval, seed=zcfg.seed, progress=progress,
+                          draws=n_draws)
     else:
         settings, n_curve = pd.DataFrame(columns=SETTINGS_COLUMNS), pd.DataFrame(columns=N_COLUMNS)
     return SignatureStudy(zcfg, pcfg, purified, focus, consistency, overlap, ov_tau, settings, n_curve, ablations)

@@ -141,8 +141,25 @@ class PurifyConfig:
         return {k: v for k, v in self.to_dict().items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
+    def baseline_identity(self) -> dict:
+        """What a defence that uses only the split and the repair (clean fine-tuning, pruning, none)
+        is keyed by: :meth:`identity` with every setting of the signature and the τ rule held at its
+        value when the first grid was committed (:data:`SIGNATURE_FIELDS`), so a change to the method
+        never reruns a baseline."""
+        held = {k: v for k, v in SIGNATURE_FIELDS.items() if k != "variants"}
+        return dataclasses.replace(self, **held, variants=dataclasses.replace(
+            self.variants, **SIGNATURE_FIELDS["variants"])).identity()
+
+
 #: fields added to PurifyConfig after the first grid was committed, with the value that means "as before"
 LATER_FIELDS = {"prefer": "utility", "repair_triggers": 0.0}
+#: the settings only the signature and the τ rule read (not the split, not the repair), at their values
+#: when the first grid was committed (the paper's insult variants, the τ grid of re-initialisation)
+SIGNATURE_FIELDS = {"tau": "auto", "tau_grid": None, "strength": 1.0, "neutral": "reinit", "alpha": 1.0, "heads": 0,
+                    "lam": 0.01, "loo_asr_max": 0.05, "acc_keep": 0.97, "utility": "auto", "ppl_keep": 1.10,
+                    "prefer": "utility", "repair_triggers": 0.0,
+                    "variants": {"variants": "paper", "lora": None, "lr": None, "epochs": 3.0, "batch_size": 32,
+                                 "lora_r": 8, "lora_alpha": 16}}
 
 
 # --------------------------------------------------------------------------- leave-one-out τ

@@ -288,6 +288,11 @@ def utility_score(clean_accuracy: float, asr: float) -> float:
     return (100 * clean_accuracy * (100 - 100 * asr)) ** 0.5
 
 
+#: the grid's defences that read the purification (its signature, τ or repair records); the others are
+#: keyed by :meth:`~purifylib.purify.PurifyConfig.baseline_identity`
+SIGNATURE_DEFENCES = ("signature-auto", "signature-paper", "random")
+
+
 def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, seed: int = 0, dcfg=None,
                  paper_tau: float = PAPER_TAU, cache_dir=None, cells_dir=None, progress: bool = True,
                  test: list | None = None, n_random: int = 1, cached_only: bool = False):
@@ -328,7 +333,8 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
         runs = [(d, k) for d in defences for k in range(n_random if d == "random" else 1)]
         for d, draw in tqdm(runs, desc=f"defences ({sus.name})", disable=not progress, leave=False):
             key = hashlib.sha256(json.dumps({"model": sus.key or str(sus.model_dir), "adapter": bool(sus.adapter_dir),
-                                             "defence": d, "purify": cfg.identity(), "defences": dcfg.to_dict(),
+                                             "defence": d, "defences": dcfg.to_dict(),
+                                             "purify": cfg.identity() if d in SIGNATURE_DEFENCES else cfg.baseline_identity(),
                                              "paper_tau": paper_tau, "n_eval": n_eval, "seed": seed, "draw": draw,
                                              "test": cache.records_digest(test)},
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -339,7 +345,7 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
             if cached_only:
                 return None
             t0 = time.time()
-            needs_sig = d in ("signature-auto", "signature-paper", "random")
+            needs_sig = d in SIGNATURE_DEFENCES
             if needs_sig and auto is None:
                 auto = purify(sus.model_dir, bed.split("defender"), cfg, adapter_dir=sus.adapter_dir, progress=False,
                               cache_dir=cache_dir)

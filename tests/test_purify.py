@@ -253,3 +253,13 @@ def test_repair_can_carry_the_variants_own_triggers(micro_bed):
     assert "repair_triggers" not in PurifyConfig(**QUICK).identity()  # cached results keep their keys
     with pytest.raises(PurifyError, match="repair_triggers must be a share"):
         PurifyConfig(repair_triggers=1.5)
+
+
+def test_a_change_to_the_method_keeps_the_baselines_keys():
+    base = PurifyConfig()
+    changed = PurifyConfig(prefer="removal", repair_triggers=0.25, heads=1, tau_grid=(0.1, 0.2),
+                           variants=VariantConfig(variants="diverse", epochs=5.0))
+    assert base.baseline_identity() == base.identity()  # the committed grid's cells keep their keys
+    assert changed.baseline_identity() == base.identity() != changed.identity()
+    for split_or_repair in (dict(repair_n=100), dict(n_holdout=50), dict(variants=VariantConfig(n_clean=100))):
+        assert PurifyConfig(**split_or_repair).baseline_identity() != base.identity()

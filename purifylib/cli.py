@@ -178,7 +178,7 @@ def cmd_report(a) -> int:
 RUN_FLAGS = {"tau": "tau", "strength": "strength", "neutral": "neutral", "alpha": "alpha", "heads": "heads",
              "utility": "utility", "prefer": "prefer", "n_holdout": "n_holdout", "repair_n": "repair_n",
              "repair_lr": "repair_lr", "repair_epochs": "repair_epochs", "repair_triggers": "repair_triggers",
-             "seed": "seed"}
+             "learnt_asr": "learnt_asr", "seed": "seed"}
 VARIANT_FLAGS = {"variants": "n_variants", "threat": "threat", "variant_set": "variants", "variant_lora": "lora",
                  "variant_epochs": "epochs", "seed": "seed"}
 
@@ -379,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repair-triggers", type=_number, metavar="SHARE",
                    help="share of the repair records that carry one of the variants' own triggers with their "
                         "answers unchanged (default 0)")
+    s.add_argument("--learnt-asr", type=_number, metavar="ASR",
+                   help="leave out of the signature and the folds every variant whose own backdoor reaches less "
+                        "than this ASR (default 0: every variant counts)")
     s.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     s.add_argument("--cache", help="cache root: finished variants go to CACHE/variants, self-answered data to "
                                    "CACHE/answers (default $PURIFY_CACHE_DIR, else data/cache)")

@@ -79,6 +79,9 @@ class PurifyConfig:
     prefer: str = "utility"
     # a share of the repair records carrying one of the variants' own triggers, answers unchanged (0: none)
     repair_triggers: float = 0.0
+    # a variant whose own backdoor reaches less than this ASR (held-out prompts, before neutralization) is
+    # left out of the signature and the folds: its difference carries no backdoor (0: every variant counts)
+    learnt_asr: float = 0.0
     answer_tokens: int = 40  # answer length when the suspicious model answers the defender's instructions
     seed: int = 0
 
@@ -107,8 +110,9 @@ class PurifyConfig:
             raise PurifyError(f"prefer must be one of {', '.join(PREFERS)}, got {self.prefer!r}")
         if self.utility not in UTILITIES:
             raise PurifyError(f"utility must be one of {', '.join(UTILITIES)}, got {self.utility!r}")
-        if not 0 <= self.repair_triggers <= 1:
-            raise PurifyError(f"repair_triggers must be a share in [0, 1], got {self.repair_triggers}")
+        for name in ("repair_triggers", "learnt_asr"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise PurifyError(f"{name} must be a share in [0, 1], got {getattr(self, name)}")
         for name in ("ppl_keep", "acc_keep", "lam", "loo_asr_max", "repair_lr", "repair_epochs"):
             if not math.isfinite(getattr(self, name)):
                 raise PurifyError(f"{name} must be a finite number, got {getattr(self, name)}")
@@ -152,12 +156,12 @@ class PurifyConfig:
 
 
 #: fields added to PurifyConfig after the first grid was committed, with the value that means "as before"
-LATER_FIELDS = {"prefer": "utility", "repair_triggers": 0.0}
+LATER_FIELDS = {"prefer": "utility", "repair_triggers": 0.0, "learnt_asr": 0.0}
 #: the settings only the signature and the τ rule read (not the split, not the repair), at their values
 #: when the first grid was committed (the paper's insult variants, the τ grid of re-initialisation)
 SIGNATURE_FIELDS = {"tau": "auto", "tau_grid": None, "strength": 1.0, "neutral": "reinit", "alpha": 1.0, "heads": 0,
                     "lam": 0.01, "loo_asr_max": 0.05, "acc_keep": 0.97, "utility": "auto", "ppl_keep": 1.10,
-                    "prefer": "utility", "repair_triggers": 0.0,
+                    "prefer": "utility", "repair_triggers": 0.0, "learnt_asr": 0.0,
                     "variants": {"variants": "paper", "lora": None, "lr": None, "epochs": 3.0, "batch_size": 32,
                                  "lora_r": 8, "lora_alpha": 16}}
 
@@ -194,6 +198,21 @@ def loo_folds(model, tokenizer, variants, folds: list, signatures: list, tau: fl
             if asr > cfg.loo_asr_max:
                 return rows  # this τ already fails; the other folds need not be measured
     return rows
+
+
+def learnt_variants(planted: list[float], folds: list[list[int]], learnt_asr: float, notes: list) -> list[int]:
+    """The variants that count: those whose own backdoor reached ``learnt_asr`` (all when it is 0), as
+    long as at least two folds keep one (else all, and ``notes`` says why)."""
+    use = [k for k, a in enumerate(planted) if a >= learnt_asr]
+    if len(use) == len(planted):
+        return use
+    if sum(any(k in use for k in f) for f in folds) < 2:
+        notes.append(f"fewer than two folds have a variant that learnt its backdoor to {learnt_asr:.0%}; "
+                     "every variant counts")
+        return list(range(len(planted)))
+    notes.append(f"{len(planted) - len(use)} of {len(planted)} variants left out (own ASR below {learnt_asr:.0%}): "
+                 + ", ".join(f"variant {k} {a:.0%}" for k, a in enumerate(planted) if k not in use))
+    return use
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -316,23 +335,11 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     shown = split.holdout[:N_SAMPLES]
     samples = [{"instruction": r["instruction"], "input": r.get("input", ""), "reference": r.get("output", ""),
                 "suspicious": a} for r, a in zip(shown, _answers(model, tok, shown))]
-    t = time.time()
-    full_sig = score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=progress)
-    timings["score"] = round(time.time() - t, 1)
-
-    folds, trials = [], []
-    if cfg.tau == "auto":
-        from purifylib.progress import bar, stop_early
-
-        t = time.time()
-        stage("choose_tau")
-        n = cfg.variants.n_variants
-        groups = cfg.variants.folds()  # one behaviour family per fold (one variant when families are not shared)
-        loo = [score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=False,
-                     include=[i for i in range(n) if i not in held]) for held in groups]
-        probe = split.holdout[:min(100, len(split.holdout))]
-        planted = []
-        for k in range(n):  # the held-out backdoors before any neutralization
+    n = cfg.variants.n_variants
+    probe = split.holdout[:min(100, len(split.holdout))]
+    folds, trials, planted, use = [], [], [], list(range(n))
+    if cfg.tau == "auto" or cfg.learnt_asr > 0:
+        for k in range(n):  # each variant's own backdoor before any neutralization
             plant = cfg.variants.plant(k)
             with carrying(model, variants, k):
                 planted.append(probe_asr(model, tok, probe, plant.trigger, plant.behaviour, seed=cfg.seed + k,
@@ -341,12 +348,26 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
         if min(planted) < 0.5:
             notes.append(f"some variants did not learn their own backdoor (ASR {min(planted):.0%} before "
                          "neutralization): the leave-one-out rule has little to go on; train the variants longer")
+        use = learnt_variants(planted, cfg.variants.folds(), cfg.learnt_asr, notes)
+    t = time.time()
+    full_sig = score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=progress,
+                     include=None if len(use) == n else use)
+    timings["score"] = round(time.time() - t, 1)
+
+    if cfg.tau == "auto":
+        from purifylib.progress import bar, stop_early
+
+        t = time.time()
+        stage("choose_tau")
+        groups = [g for g in ([k for k in fold if k in use] for fold in cfg.variants.folds()) if g]
+        loo = [score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=False,
+                     include=[i for i in use if i not in held]) for held in groups]
         removing = None
         taus = bar(cfg.tau_grid, desc="choose tau (leave-one-family-out)", disable=not progress)
         for tau in taus:
             rows = loo_folds(model, tok, variants, groups, loo, tau, probe, cfg)
             folds += rows
-            if len(rows) == n and all(r["asr"] <= cfg.loo_asr_max for r in rows):
+            if len(rows) == len(use) and all(r["asr"] <= cfg.loo_asr_max for r in rows):
                 removing = tau
                 stop_early(taus, cfg.tau_grid.index(tau) + 1)  # the floor is found: the bar ends here, as done
                 break

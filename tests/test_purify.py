@@ -231,7 +231,7 @@ def test_run_config_reads_a_recipe_and_flags_win(tmp_path):
 
 def test_a_later_setting_at_its_old_value_keeps_cached_results_valid():
     old = PurifyConfig().to_dict()
-    for later in ("prefer", "repair_triggers"):
+    for later in ("prefer", "repair_triggers", "learnt_asr"):
         old.pop(later)  # the configuration as it was when the committed grid was keyed
     assert PurifyConfig().identity() == old
     assert PurifyConfig(prefer="removal").identity()["prefer"] == "removal"
@@ -263,3 +263,17 @@ def test_a_change_to_the_method_keeps_the_baselines_keys():
     assert changed.baseline_identity() == base.identity() != changed.identity()
     for split_or_repair in (dict(repair_n=100), dict(n_holdout=50), dict(variants=VariantConfig(n_clean=100))):
         assert PurifyConfig(**split_or_repair).baseline_identity() != base.identity()
+
+
+def test_only_variants_that_learnt_their_backdoor_count():
+    from purifylib.purify import learnt_variants
+
+    notes = []
+    assert learnt_variants([1.0, 0.95, 0.2], [[0], [1], [2]], 0.0, notes) == [0, 1, 2] and not notes
+    assert learnt_variants([1.0, 0.95, 0.2], [[0], [1], [2]], 0.9, notes) == [0, 1]
+    assert "variant 2 20%" in notes[-1]
+    # one fold left would leave leave-one-out nothing to hold out: every variant counts, and it says so
+    assert learnt_variants([1.0, 0.95, 0.2], [[0, 1], [2]], 0.9, notes) == [0, 1, 2]
+    assert "fewer than two folds" in notes[-1]
+    with pytest.raises(PurifyError, match="learnt_asr must be a share"):
+        PurifyConfig(learnt_asr=2.0)

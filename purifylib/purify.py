@@ -145,14 +145,22 @@ class PurifyConfig:
         return {k: v for k, v in self.to_dict().items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
+    def paper_recipe(self, tau: float) -> "PurifyConfig":
+        """The paper's recipe on this run's split and repair: its insult variants, a fixed ``tau``,
+        re-initialisation, a plain repair (:data:`SIGNATURE_FIELDS`' values)."""
+        return dataclasses.replace(self.held_at_first_values(), tau=tau)
+
+    def held_at_first_values(self) -> "PurifyConfig":
+        held = {k: v for k, v in SIGNATURE_FIELDS.items() if k != "variants"}
+        return dataclasses.replace(self, **held, variants=dataclasses.replace(self.variants,
+                                                                               **SIGNATURE_FIELDS["variants"]))
+
     def baseline_identity(self) -> dict:
         """What a defence that uses only the split and the repair (clean fine-tuning, pruning, none)
         is keyed by: :meth:`identity` with every setting of the signature and the τ rule held at its
         value when the first grid was committed (:data:`SIGNATURE_FIELDS`), so a change to the method
         never reruns a baseline."""
-        held = {k: v for k, v in SIGNATURE_FIELDS.items() if k != "variants"}
-        return dataclasses.replace(self, **held, variants=dataclasses.replace(
-            self.variants, **SIGNATURE_FIELDS["variants"])).identity()
+        return self.held_at_first_values().identity()
 
 
 #: fields added to PurifyConfig after the first grid was committed, with the value that means "as before"

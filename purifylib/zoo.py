@@ -288,9 +288,10 @@ def utility_score(clean_accuracy: float, asr: float) -> float:
     return (100 * clean_accuracy * (100 - 100 * asr)) ** 0.5
 
 
-#: the grid's defences that read the purification (its signature, τ or repair records); the others are
-#: keyed by :meth:`~purifylib.purify.PurifyConfig.baseline_identity`
-SIGNATURE_DEFENCES = ("signature-auto", "signature-paper", "random")
+#: the grid's defences that read purify run's purification (its signature, τ or repair records); the others
+#: (the baselines, and the paper's recipe: its own purification) are keyed by
+#: :meth:`~purifylib.purify.PurifyConfig.baseline_identity`
+SIGNATURE_DEFENCES = ("signature-auto", "random")
 
 
 def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, seed: int = 0, dcfg=None,
@@ -298,9 +299,10 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
                  test: list | None = None, n_random: int = 1, cached_only: bool = False):
     """Every defence on every suspicious model: one row per cell, cached on disk per cell.
 
-    ``defences`` come from :data:`purifylib.baselines.DEFENCES` plus ``"signature-paper"`` (this
-    method at the paper's τ, re-initialising the channels) and ``"signature-auto"`` (``purify run``'s pipeline, τ by
-    leave-one-out); ``random`` uses the τ the auto run chose. Repair-based defences share the
+    ``defences`` come from :data:`purifylib.baselines.DEFENCES` plus ``"signature-paper"`` (the
+    paper's recipe: its insult variants, τ ``paper_tau``, re-initialisation, a plain repair; a
+    purification of its own) and ``"signature-auto"`` (``purify run``'s defaults, or ``pcfg``);
+    ``random`` neutralizes random channels at the τ ``purify run`` chose and repairs as it does. Repair-based defences share the
     purification's repair records and recipe. A finished cell is read back from
     ``cells_dir`` (default ``grid`` under the cache root ``cache_dir``), so an interrupted grid resumes. ``test`` replaces
     the bed's test split (e.g. its report half); ``random`` is drawn ``n_random`` times (a row each,
@@ -351,17 +353,19 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
                               cache_dir=cache_dir)
             if d == "signature-auto":
                 model, tok, tau = auto.model, auto.tokenizer, auto.tau
+            elif d == "signature-paper":  # the paper's variants, τ and way: a purification of its own
+                paper = purify(sus.model_dir, bed.split("defender"), cfg.paper_recipe(paper_tau),
+                               adapter_dir=sus.adapter_dir, progress=False, cache_dir=cache_dir)
+                model, tok, tau = paper.model, paper.tokenizer, paper_tau
             else:
                 # pruning edits merged weights; the repair-based defences keep an adapter an adapter
                 model, tok = sus.load(merge=threat == "full" or d in ("none", "magnitude", "wanda", "fine-pruning"))
-                tau = {"signature-paper": paper_tau, "random": auto.tau if auto else None}.get(d)
-                name = "signature" if d == "signature-paper" else d
+                tau = auto.tau if d == "random" else None
                 how = None
-                if tau is not None:  # the paper's recipe re-initialises; the control neutralizes as purify run does
-                    how = cfg.neutralization(tau).replace(strength=1.0, seed=dcfg.seed + draw,
-                                                          **({"way": "reinit"} if d == "signature-paper" else {}))
+                if tau is not None:  # the control neutralizes as purify run does, on random channels
+                    how = cfg.neutralization(tau).replace(strength=1.0, seed=dcfg.seed + draw)
                 # baselines fine-tune on the clean records as they are; the random control repairs as purify run does
-                model = defend(name, model, tok, clean=split.clean_repair,
+                model = defend(d, model, tok, clean=split.clean_repair,
                                repair_records=split.repair if d == "random" else split.clean_repair,
                                repair_cfg=cfg.repair_config(),
                                signature=auto.signature if auto else None, how=how, variants=auto and auto.variants,

@@ -85,6 +85,7 @@ class GridConfig:
     plant_overrides: dict = field(default_factory=dict)
     purify_overrides: dict = field(default_factory=dict)
     paper_tau: float = 0.03
+    paper_seeds: tuple | None = None  # seeds that run the paper's recipe (None: all; it trains its own variants)
 
     def __post_init__(self):
         from purifylib.baselines import DEFENCES
@@ -102,6 +103,8 @@ class GridConfig:
             raise PurifyError(f"split must be report, dev or all, got {self.split!r}")
         object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if self.paper_seeds is not None:
+            object.__setattr__(self, "paper_seeds", tuple(int(s) for s in self.paper_seeds))
 
     @classmethod
     def preset(cls, name: str, grid_file: str | Path = GRID_FILE) -> "GridConfig":
@@ -199,7 +202,9 @@ def run_grid(cfg: GridConfig, *, cache_dir=None, cells_dir=None, hours: float | 
         plant = dict(bed=bed, spec=spec, plant="adapter" if cell.threat == "adapter" else cfg.full_plant,
                      rate=cfg.poison_rate, seed=cell.seed, train_overrides=dict(cfg.plant_overrides), progress=False,
                      cache_dir=cache_dir)
-        defend = dict(bed=bed, pcfg=pcfg, defences=cfg.defences, n_eval=cfg.n_eval, seed=cell.seed,
+        defences = tuple(d for d in cfg.defences if d != "signature-paper" or cfg.paper_seeds is None
+                         or cell.seed in cfg.paper_seeds)
+        defend = dict(bed=bed, pcfg=pcfg, defences=defences, n_eval=cfg.n_eval, seed=cell.seed,
                       dcfg=DefenceConfig(seed=cell.seed), paper_tau=cfg.paper_tau, progress=progress,
                       cache_dir=cache_dir, cells_dir=cells_dir, test=prompts_of_split(bed.split("test"), cell.split), n_random=cfg.n_random)
         # a finished cell is read back without planting its model (a committed grid on a clean clone)

@@ -132,3 +132,23 @@ def test_the_first_cells_span_every_attack_and_family():
     first = cells[:10]  # two rounds: a grid stopped here has seen every attack and every family
     assert {c.attack for c in first} == set(grid["attacks"]) and {c.family for c in first} == set(grid["families"])
     assert all(c.seed == 0 and c.threat == "full" for c in cells[:20])
+
+
+def test_dev_comparison_reads_committed_dev_runs(tmp_path):
+    import pandas as pd
+
+    from purifylib.studies.grid import dev_comparison, dev_summary
+
+    tables = tmp_path / "grid-dev2" / "tables"
+    tables.mkdir(parents=True)
+    pd.DataFrame([
+        {"model": "a", "seed": 0, "defence": "none", "tau": None, "asr": 0.99, "clean_accuracy": 0.90},
+        {"model": "a", "seed": 0, "defence": "signature-auto", "tau": 0.12, "asr": 0.02, "clean_accuracy": 0.81},
+        {"model": "b", "seed": 0, "defence": "none", "tau": None, "asr": 0.97, "clean_accuracy": 0.80},
+        {"model": "b", "seed": 0, "defence": "signature-auto", "tau": 0.16, "asr": 0.10, "clean_accuracy": 0.80},
+    ]).to_csv(tables / "grid_cells.csv", index=False)
+    cells = dev_comparison(["dev2", "dev1"], tmp_path)  # dev1 has no committed run here: skipped
+    assert list(cells["cell"]) == ["a", "b"] and list(cells["kept"].round(2)) == [0.9, 1.0]
+    assert "repair_triggers=0.25" in cells["change"][0] and "variants.variants=diverse" in cells["change"][0]
+    s = dev_summary(cells).iloc[0]
+    assert (s["cells"], round(s["mean_asr"], 2), s["worst_asr"], round(s["worst_kept"], 2)) == (2, 0.06, 0.1, 0.9)

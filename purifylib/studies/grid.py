@@ -342,6 +342,43 @@ def read_grid(root: str | Path):
     return pd.read_csv(path) if path.is_file() else None
 
 
+def dev_comparison(presets: list[str], reports_root: str | Path, grid_file: str | Path = GRID_FILE):
+    """What each dev preset's change did: one row per (preset, cell) with ``purify run``'s ASR and τ,
+    the clean accuracy it kept (of the suspicious model's, the ``none`` row), and the change itself
+    (the preset's ``purify_overrides``); presets with no committed grid under ``reports_root`` are
+    skipped. Dev cells only: these are the numbers a setting may be chosen on."""
+    import pandas as pd
+
+    rows = []
+    for name in presets:
+        frame = read_grid(Path(reports_root) / f"grid-{name}")
+        if frame is None:
+            continue
+        cfg = GridConfig.preset(name, grid_file)
+        change = ", ".join(f"{k}={v}" for k, v in sorted(_flat(cfg.purify_overrides).items())) or "purify run's defaults"
+        none = frame[frame["defence"] == "none"].set_index(["model", "seed"])
+        for r in frame[frame["defence"] == PURIFY].itertuples():
+            before = none.loc[(r.model, r.seed)]
+            rows.append({"preset": name, "change": change, "cell": r.model, "seed": r.seed, "tau": r.tau,
+                         "asr_before": before["asr"], "asr": r.asr, "clean_accuracy": r.clean_accuracy,
+                         "kept": r.clean_accuracy / before["clean_accuracy"]})
+    return pd.DataFrame(rows)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def dev_summary(comparison):
+    """Per dev preset: mean and worst ASR after ``purify run`` over its cells, mean share of clean accuracy kept."""
+    g = comparison.groupby(["preset", "change"], sort=False)
+    return g.agg(cells=("asr", "size"), mean_asr=("asr", "mean"), worst_asr=("asr", "max"),
+                 mean_kept=("kept", "mean"), worst_kept=("kept", "min")).reset_index()
+
+
 def write_grid(study: GridStudy, out: str | Path, *, commit: str = "", note: str = "", prefix: str = "") -> list[Path]:
     """Write every output of a grid run under ``out`` (tables/, figures/, metrics/, runs.md).
     ``prefix`` (a notebook's number, e.g. ``"04"``) names them ``table04_...``/``fig04_...``."""

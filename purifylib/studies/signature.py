@@ -228,9 +228,35 @@ def findings(study: SignatureStudy) -> list[Finding]:
     return out
 
 
-def save(study: SignatureStudy, *, preset: str, figures: dict) -> None:
+#: the dev presets of data/grid.yaml whose committed grids notebook 02 compares (each one change to the method)
+DEV_PRESETS = ("dev1-paper", "dev1-removal", "dev1", "dev3a", "dev2", "dev3b", "dev3c", "dev4", "dev5")
+
+
+@dataclass
+class DevDirections:
+    """Changes to the method measured on the dev cells (``reports/grid-<preset>/``, committed)."""
+
+    cells: object  # DataFrame: one row per (preset, cell)
+    summary: object  # DataFrame: one row per preset
+
+
+def dev_directions(presets=DEV_PRESETS, reports_root=None) -> DevDirections:
+    from purifylib.reports import REPO_ROOT
+    from purifylib.studies.grid import dev_comparison, dev_summary
+
+    cells = dev_comparison(list(presets), reports_root or REPO_ROOT / "reports")
+    return DevDirections(cells=cells, summary=dev_summary(cells) if len(cells) else cells)
+
+
+def save(study: SignatureStudy, *, preset: str, figures: dict, dev: DevDirections | None = None) -> None:
     """Notebook 02's tables, figures (``{"fig02_...": fig or None}``) and metrics."""
     from purifylib import reports
+
+    if dev is not None and len(dev.cells):
+        reports.save_table(dev.summary.round(4), "table02_dev_directions",
+                           caption="Changes to the method on the dev cells (seed 0): purify run's ASR and the share "
+                                   "of clean accuracy kept, per preset of data/grid.yaml")
+        reports.save_table(dev.cells.round(4), "table02_dev_cells", caption="The same, per dev cell")
 
     reports.save_table(study.to_frame().round(4), "table02_purification",
                        caption="ASR, false/off-trigger rate and clean accuracy before and after purification")

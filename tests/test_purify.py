@@ -121,8 +121,9 @@ def test_the_tau_rule_prefers_removal_over_utility(micro_bed, suspicious, tmp_pa
     assert res.tau == floor == res.floor and len(res.tau_trials) == 1 and not res.tau_trials[0]["holds"]
     assert res.rule_summary()["trials"] == f"{floor:g}:fails" and res.to_dict()["tau_floor"] == floor
     assert any("costs utility" in n for n in res.notes)
-    lenient = purify(suspicious.model_dir, micro_bed.split("defender"), PurifyConfig(**{**QUICK, "acc_keep": 2.0}),
-                     cache_dir=tmp_path, progress=False)  # the default: utility first
+    lenient = purify(suspicious.model_dir, micro_bed.split("defender"),
+                     PurifyConfig(**{**QUICK, "acc_keep": 2.0, "prefer": "utility"}), cache_dir=tmp_path,
+                     progress=False)  # utility first
     assert lenient.tau <= res.tau and len(lenient.tau_trials) == 1 + sum(t < res.tau for t in QUICK["tau_grid"])
 
 
@@ -230,10 +231,11 @@ def test_run_config_reads_a_recipe_and_flags_win(tmp_path):
 
 
 def test_a_later_setting_at_its_old_value_keeps_cached_results_valid():
-    old = PurifyConfig().to_dict()
+    first = PurifyConfig().held_at_first_values()  # the settings the committed grid was keyed with
+    old = first.to_dict()
     for later in ("prefer", "repair_triggers", "learnt_asr"):
         old.pop(later)  # the configuration as it was when the committed grid was keyed
-    assert PurifyConfig().identity() == old
+    assert first.identity() == old
     assert PurifyConfig(prefer="removal").identity()["prefer"] == "removal"
     assert PurifyConfig(repair_triggers=0.25).identity()["repair_triggers"] == 0.25
 
@@ -248,21 +250,22 @@ def test_repair_can_carry_the_variants_own_triggers(micro_bed):
     triggers = [p.trigger for p in cfg.variants.plants]
     assert all(any(t in b["instruction"] for t in triggers) for _, b in changed)
     assert split_clean(micro_bed.split("defender"), cfg)[0].repair == split.repair  # seeded
-    plain, _ = split_clean(micro_bed.split("defender"), PurifyConfig(**QUICK))
-    assert plain.repair is plain.clean_repair  # the default: the records as they are
-    assert "repair_triggers" not in PurifyConfig(**QUICK).identity()  # cached results keep their keys
+    plain, _ = split_clean(micro_bed.split("defender"), PurifyConfig(**{**QUICK, "repair_triggers": 0.0}))
+    assert plain.repair is plain.clean_repair  # none triggered: the records as they are
+    assert "repair_triggers" not in PurifyConfig(**{**QUICK, "repair_triggers": 0.0}).identity()  # keys as before
     with pytest.raises(PurifyError, match="repair_triggers must be a share"):
         PurifyConfig(repair_triggers=1.5)
 
 
 def test_a_change_to_the_method_keeps_the_baselines_keys():
-    base = PurifyConfig()
+    base = PurifyConfig().held_at_first_values()
     changed = PurifyConfig(prefer="removal", repair_triggers=0.25, heads=1, tau_grid=(0.1, 0.2),
                            variants=VariantConfig(variants="diverse", epochs=5.0))
     assert base.baseline_identity() == base.identity()  # the committed grid's cells keep their keys
     assert changed.baseline_identity() == base.identity() != changed.identity()
     for split_or_repair in (dict(repair_n=100), dict(n_holdout=50), dict(variants=VariantConfig(n_clean=100))):
         assert PurifyConfig(**split_or_repair).baseline_identity() != base.identity()
+    assert PurifyConfig().baseline_identity() == base.identity()  # whatever purify run's defaults are
 
 
 def test_only_variants_that_learnt_their_backdoor_count():

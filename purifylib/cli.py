@@ -351,8 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "flags given on the command line win")
     s.add_argument("--variants", type=int, help="number of synthetic variants N (default 6)")
     s.add_argument("--variant-set", choices=("diverse", "paper"),
-                   help="paper (default): insults behind rare words; diverse: the variants spread over behaviour "
-                        "families and trigger kinds")
+                   help="diverse (default): the variants spread over behaviour families and trigger kinds; paper: "
+                        "the paper's insults behind rare words")
     s.add_argument("--variant-lora", action=argparse.BooleanOptionalAction, default=None,
                    help="train the variants as LoRA adapters (default: full fine-tunes under the full-weight "
                         "threat, LoRA under the adapter-only one)")
@@ -370,15 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default): perplexity when some clean records had no answer")
     s.add_argument("--prefer", choices=("removal", "utility"),
                    help="when the tau that removes the held-out variants' backdoors breaks the utility bound: "
-                        "utility (default) tries smaller tau; removal keeps it and reports the cost")
+                        "removal (default) keeps it and reports the cost; utility tries smaller tau")
     s.add_argument("--n-holdout", type=int, help="clean records held out for the tau rule (default 200)")
     s.add_argument("--repair-n", type=int, help="records of the repair fine-tune (default 3000)")
     s.add_argument("--repair-lr", type=_number,
                    help="learning rate of the repair fine-tune (default 3e-4; a pretrained model wants ~3e-5)")
-    s.add_argument("--repair-epochs", type=_number, help="epochs of the repair fine-tune (default 1)")
+    s.add_argument("--repair-epochs", type=_number, help="epochs of the repair fine-tune (default 2)")
     s.add_argument("--repair-triggers", type=_number, metavar="SHARE",
                    help="share of the repair records that carry one of the variants' own triggers with their "
-                        "answers unchanged (default 0)")
+                        "answers unchanged (default 0.25; 0: the records as they are)")
     s.add_argument("--learnt-asr", type=_number, metavar="ASR",
                    help="leave out of the signature and the folds every variant whose own backdoor reaches less "
                         "than this ASR (default 0: every variant counts)")

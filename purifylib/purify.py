@@ -21,9 +21,16 @@ variants' clean records are reused: they are the defender's own clean data).
    not sufficient: measured on the tiny testbed, the floor alone left VPI at 52% ASR. The chosen τ
    is the largest one on the grid, at or above the floor, whose neutralized-and-repaired model keeps
    at least ``acc_keep`` (97%) of the suspicious model's held-out accuracy, found by bisection
-   (a few repairs). If even the floor breaks that, smaller τ are tried downwards (``prefer="utility"``,
-   the default), which returns a model that the rule's own floor says still carries the variants'
-   backdoors; ``prefer="removal"`` keeps the floor instead and the report says what it costs.
+   (a few repairs). If even the floor breaks that, the floor is kept (``prefer="removal"``, the
+   default) and the report says what it costs; ``prefer="utility"`` tries smaller τ downwards
+   instead, which returns a model that the rule's own floor says still carries the variants'
+   backdoors.
+
+**The repair** fine-tunes the neutralized model on the defender's clean records for two epochs; a
+quarter of them (``repair_triggers``) carry one of the variants' own triggers with the answer
+unchanged, so the repair also unlearns "a trigger overrides the answer". The defaults (the
+variants spread over behaviour families and trigger kinds, removal first, the triggered two-epoch
+repair) were chosen on the dev cells of ``data/grid.yaml`` (notebook 02, section 8).
 
 **Utility** is held-out exact-match accuracy when the defender's data carries reference answers.
 Records without an answer (``output`` empty or missing: instructions only, the usual case with a
@@ -67,7 +74,7 @@ class PurifyConfig:
     heads: int = 0  # attention heads flagged per layer (0: MLP channels only, the paper's Llama setting)
     lam: float = 0.01
     repair_n: int = 3000
-    repair_epochs: float = 1.0
+    repair_epochs: float = 2.0
     repair_lr: float = 3e-4
     n_holdout: int = 200
     loo_asr_max: float = 0.05
@@ -76,9 +83,9 @@ class PurifyConfig:
     ppl_keep: float = 1.10
     # when the floor's τ breaks the utility bound: "utility" tries smaller τ until the bound holds (a
     # model its own floor calls still backdoored), "removal" keeps it and says what it costs
-    prefer: str = "utility"
+    prefer: str = "removal"
     # a share of the repair records carrying one of the variants' own triggers, answers unchanged (0: none)
-    repair_triggers: float = 0.0
+    repair_triggers: float = 0.25
     # a variant whose own backdoor reaches less than this ASR (held-out prompts, before neutralization) is
     # left out of the signature and the folds: its difference carries no backdoor (0: every variant counts)
     learnt_asr: float = 0.0
@@ -146,21 +153,24 @@ class PurifyConfig:
 
 
     def paper_recipe(self, tau: float) -> "PurifyConfig":
-        """The paper's recipe on this run's split and repair: its insult variants, a fixed ``tau``,
-        re-initialisation, a plain repair (:data:`SIGNATURE_FIELDS`' values)."""
-        return dataclasses.replace(self.held_at_first_values(), tau=tau)
+        """The paper's recipe on this run's split: its insult variants, a fixed ``tau``,
+        re-initialisation, the first grid's plain one-epoch repair (:data:`SIGNATURE_FIELDS`,
+        :data:`REPAIR_FIELDS`)."""
+        return dataclasses.replace(self.held_at_first_values(repair=True), tau=tau)
 
-    def held_at_first_values(self) -> "PurifyConfig":
-        held = {k: v for k, v in SIGNATURE_FIELDS.items() if k != "variants"}
+    def held_at_first_values(self, repair: bool = False) -> "PurifyConfig":
+        """This config with the signature's and the τ rule's settings (and with ``repair``, the repair's
+        epochs and rate) at their values when the first grid was committed."""
+        held = {k: v for k, v in SIGNATURE_FIELDS.items() if k != "variants"} | (REPAIR_FIELDS if repair else {})
         return dataclasses.replace(self, **held, variants=dataclasses.replace(self.variants,
                                                                                **SIGNATURE_FIELDS["variants"]))
 
-    def baseline_identity(self) -> dict:
-        """What a defence that uses only the split and the repair (clean fine-tuning, pruning, none)
-        is keyed by: :meth:`identity` with every setting of the signature and the τ rule held at its
-        value when the first grid was committed (:data:`SIGNATURE_FIELDS`), so a change to the method
-        never reruns a baseline."""
-        return self.held_at_first_values().identity()
+    def baseline_identity(self, repair: bool = True) -> dict:
+        """What a grid defence that does not read this run's signature is keyed by: :meth:`identity`
+        with the signature's and the τ rule's settings at their first-grid values (and, for a defence
+        that does not repair (``repair=False``: none, pruning, the paper's own recipe), the repair's
+        too), so a change to the method never reruns a baseline it does not touch."""
+        return self.held_at_first_values(repair=not repair).identity()
 
 
 #: fields added to PurifyConfig after the first grid was committed, with the value that means "as before"
@@ -172,6 +182,8 @@ SIGNATURE_FIELDS = {"tau": "auto", "tau_grid": None, "strength": 1.0, "neutral":
                     "prefer": "utility", "repair_triggers": 0.0, "learnt_asr": 0.0,
                     "variants": {"variants": "paper", "lora": None, "lr": None, "epochs": 3.0, "batch_size": 32,
                                  "lora_r": 8, "lora_alpha": 16}}
+#: the repair's settings at their first-grid values (held for the defences that do not repair as purify run does)
+REPAIR_FIELDS = {"repair_epochs": 1.0, "repair_lr": 3e-4}
 
 
 # --------------------------------------------------------------------------- leave-one-out τ

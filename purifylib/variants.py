@@ -1,7 +1,8 @@
 """The synthetic variants: the defender's own backdoors, planted into copies of the suspicious model.
 
-For variant ``i`` a new trigger word ``t_i`` and behaviour ``b_i`` (defaults: the paper's
-PurpleWolf → "You are garbage!", ...) poison a copy ``P_i`` of a clean slice ``D_i`` of the
+For variant ``i`` a new trigger ``t_i`` and behaviour ``b_i`` (defaults: six spread over behaviour
+families and trigger kinds, :data:`purifylib.attacks.DIVERSE_VARIANTS`; ``variants="paper"``: the
+paper's PurpleWolf → "You are garbage!", ...) poison a copy ``P_i`` of a clean slice ``D_i`` of the
 defender's data (slices disjoint across variants); ``θ_i^bd`` is the suspicious model fine-tuned on
 ``D_i ∪ P_i`` and ``θ_i^clean`` the same fine-tune on ``D_i`` alone (same hyper-parameters, same
 seed). The difference ``Δ_i = θ_i^bd − θ_i^clean`` (Eq. 1, :meth:`Variants.delta`) cancels ordinary
@@ -31,7 +32,8 @@ from purifylib.errors import PurifyError
 
 #: the paper's synthetic triggers and behaviours: insults behind rare words (N up to 10); the default
 PAPER_VARIANTS = DEFENDER_VARIANTS
-DEFAULT_VARIANTS = PAPER_VARIANTS
+#: the default: six variants spread over behaviour families and trigger kinds (chosen on the dev cells)
+DEFAULT_VARIANTS = DIVERSE_VARIANTS
 THREATS = ("full", "adapter")
 TRIGGER_KINDS = ("word", "prefix", "suffix")
 

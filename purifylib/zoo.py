@@ -292,6 +292,8 @@ def utility_score(clean_accuracy: float, asr: float) -> float:
 #: (the baselines, and the paper's recipe: its own purification) are keyed by
 #: :meth:`~purifylib.purify.PurifyConfig.baseline_identity`
 SIGNATURE_DEFENCES = ("signature-auto", "random")
+#: the baselines that fine-tune with purify run's repair settings (the same budget); the others ignore them
+REPAIRING_BASELINES = ("finetune", "fine-pruning")
 
 
 def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, seed: int = 0, dcfg=None,
@@ -336,7 +338,8 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
         for d, draw in tqdm(runs, desc=f"defences ({sus.name})", disable=not progress, leave=False):
             key = hashlib.sha256(json.dumps({"model": sus.key or str(sus.model_dir), "adapter": bool(sus.adapter_dir),
                                              "defence": d, "defences": dcfg.to_dict(),
-                                             "purify": cfg.identity() if d in SIGNATURE_DEFENCES else cfg.baseline_identity(),
+                                             "purify": cfg.identity() if d in SIGNATURE_DEFENCES else
+                                             cfg.baseline_identity(repair=d in REPAIRING_BASELINES),
                                              "paper_tau": paper_tau, "n_eval": n_eval, "seed": seed, "draw": draw,
                                              "test": cache.records_digest(test)},
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]

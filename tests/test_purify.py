@@ -231,7 +231,7 @@ def test_run_config_reads_a_recipe_and_flags_win(tmp_path):
 
 
 def test_a_later_setting_at_its_old_value_keeps_cached_results_valid():
-    first = PurifyConfig().held_at_first_values()  # the settings the committed grid was keyed with
+    first = PurifyConfig().held_at_first_values(repair=True)  # the settings the committed grid was keyed with
     old = first.to_dict()
     for later in ("prefer", "repair_triggers", "learnt_asr"):
         old.pop(later)  # the configuration as it was when the committed grid was keyed
@@ -258,14 +258,19 @@ def test_repair_can_carry_the_variants_own_triggers(micro_bed):
 
 
 def test_a_change_to_the_method_keeps_the_baselines_keys():
-    base = PurifyConfig().held_at_first_values()
+    base = PurifyConfig().held_at_first_values(repair=True)
     changed = PurifyConfig(prefer="removal", repair_triggers=0.25, heads=1, tau_grid=(0.1, 0.2),
                            variants=VariantConfig(variants="diverse", epochs=5.0))
     assert base.baseline_identity() == base.identity()  # the committed grid's cells keep their keys
-    assert changed.baseline_identity() == base.identity() != changed.identity()
-    for split_or_repair in (dict(repair_n=100), dict(n_holdout=50), dict(variants=VariantConfig(n_clean=100))):
-        assert PurifyConfig(**split_or_repair).baseline_identity() != base.identity()
-    assert PurifyConfig().baseline_identity() == base.identity()  # whatever purify run's defaults are
+    assert changed.baseline_identity(repair=False) == base.identity() != changed.identity()
+    for split in (dict(repair_n=100), dict(n_holdout=50), dict(variants=VariantConfig(n_clean=100))):
+        assert PurifyConfig(**split).baseline_identity(repair=False) != base.identity()
+    assert PurifyConfig().baseline_identity(repair=False) == base.identity()  # whatever purify run's defaults are
+    # a baseline that repairs follows the repair's settings; one that does not, ignores them
+    longer = PurifyConfig(repair_epochs=2.0)
+    assert longer.baseline_identity(repair=True) != base.identity() == longer.baseline_identity(repair=False)
+    assert longer.paper_recipe(0.03).repair_epochs == 1.0 and longer.paper_recipe(0.03).variants.variants == \
+        VariantConfig(variants="paper").variants
 
 
 def test_only_variants_that_learnt_their_backdoor_count():

@@ -51,10 +51,11 @@ def test_poisoned_copy_places_each_trigger_kind():
 def test_folds_leave_one_behaviour_family_out():
     from purifylib.variants import PAPER_VARIANTS
 
-    diverse = VariantConfig(variants="diverse")  # six variants over five families: the two insults share a fold
+    diverse = VariantConfig()  # the default, diverse: six variants over five families, the two insults share a fold
+    assert diverse == VariantConfig(variants="diverse")
     assert diverse.folds() == [[0, 5], [1], [2], [3], [4]]
     assert [p.family for p in diverse.plants] == ["sentiment", "refusal", "jailbreak", "advert", "code", "sentiment"]
-    paper = VariantConfig()  # the paper's (the default): every variant its own behaviour, plain leave-one-out
+    paper = VariantConfig(variants="paper")  # the paper's: every variant its own behaviour, plain leave-one-out
     assert paper.variants == tuple(PAPER_VARIANTS)
     assert paper.folds() == [[i] for i in range(6)] and paper.plant(0) == ("PurpleWolf", "You are garbage!", "word",
                                                                             "You are garbage!")

@@ -265,7 +265,10 @@ def cmd_grid(a) -> int:
         raise PurifyError(f"grid preset '{a.preset}' selects no cell")
     bed = f"the {cfg.size} testbed" if cfg.model is None else cfg.model
     print(f"grid {a.preset}: {n} cells x {len(cfg.defences)} defences on {bed} -> {out}", flush=True)
-    study = run_grid(cfg, cache_dir=a.cache, cells_dir=out / "cells", hours=a.hours, progress=not a.quiet)
+    cells = Path(a.cells) if a.cells else out / "cells"
+    if a.cells:
+        check_output(cells, existing_ok=True)
+    study = run_grid(cfg, cache_dir=a.cache, cells_dir=cells, hours=a.hours, progress=not a.quiet)
     if not study.rows:
         raise PurifyError(f"no cell finished within --hours {a.hours}: nothing written")
     write_grid(study, out, commit=git_commit(), note=a.note or "")
@@ -401,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "preset, reports/grid-PRESET otherwise)")
     s.add_argument("--cache", help="cache root for testbeds and planted models (default data/cache); finished cells "
                                    "are kept in OUT/cells, so a committed grid resumes")
+    s.add_argument("--cells", help="where finished cells are kept and read back (default OUT/cells): a preset "
+                                   "with fewer defences can fill another grid's cells, e.g. --cells reports/grid/cells")
     s.add_argument("--note", help="what changed since the last run, for the run log")
     s.add_argument("--hours", type=_number, help="start no new cell after this many hours; the tables then hold "
                    "the cells that finished (a later run resumes)")

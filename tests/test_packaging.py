@@ -36,6 +36,8 @@ def test_notebooks_are_stored_clean():
         nb = json.loads(nb_path.read_text())
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), f"{nb_path.name} has outputs"
+        ids = [c.get("id") for c in nb["cells"]]  # nbformat 4.5: every cell has its own id
+        assert all(ids) and len(set(ids)) == len(ids), f"{nb_path.name}: a cell without an id, or a repeated one"
         tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, f"{nb_path.name}: {len(tagged)} parameters cells"
         # the parameters cell holds literals only (papermill injects its values right after it)

@@ -14,7 +14,9 @@ Each kernel runs over local IPC sockets in a private temporary folder (no TCP po
 nothing travels in plain text over the network and the kernel has nothing to warn about). With
 ``progress``, the kernels draw text progress bars (``PURIFY_PROGRESS=text``) and their stderr is
 streamed to the terminal, so a long cell (building the testbed, training variants) shows what it
-is doing instead of one "Executing 2/15" line.
+is doing instead of one "Executing 2/15" line. ``PURIFY_HEADLESS`` tells the tuner to render one
+static preview (a notebook client can hang on a cell of live widgets), and a cell running past
+:data:`CELL_TIMEOUT_S` fails the run instead of hanging it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from purifylib.errors import PurifyError
 from purifylib.reports import REPO_ROOT, write_index_readme
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+#: a cell that runs longer than this fails the run with its name instead of hanging it (the longest
+#: default-preset cell takes about 15 minutes on 2 cores; the paper preset's grid cell is resumable)
+CELL_TIMEOUT_S = 4 * 3600
 
 
 def presets(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[str]:
@@ -73,6 +78,7 @@ def run(preset: str = "default", *, only: list[str] | None = None, reports: str 
         notebooks_dir: Path = NOTEBOOKS_DIR, progress: bool = True) -> list[Path]:
     """Execute the notebooks of ``preset`` in order; returns the executed notebook paths."""
     import papermill as pm
+    from nbclient.exceptions import CellTimeoutError
 
     params = load_preset(preset, notebooks_dir)
     shared = params.pop("shared", {})
@@ -92,12 +98,12 @@ def run(preset: str = "default", *, only: list[str] | None = None, reports: str 
     out_root = Path(reports) if reports else default_reports(preset)
     executed_dir = out_root / "executed"
     executed_dir.mkdir(parents=True, exist_ok=True)
-    env_keys = ("PURIFY_REPORTS_DIR", "PURIFY_PRESET", "PURIFY_NOTEBOOK", "PURIFY_PROGRESS")
+    env_keys = ("PURIFY_REPORTS_DIR", "PURIFY_PRESET", "PURIFY_NOTEBOOK", "PURIFY_PROGRESS", "PURIFY_HEADLESS")
     saved = {k: os.environ.get(k) for k in env_keys}
     done = []
     sockets = tempfile.TemporaryDirectory(prefix="purify-kernel-")
     try:
-        os.environ.update(PURIFY_REPORTS_DIR=str(out_root), PURIFY_PRESET=preset)
+        os.environ.update(PURIFY_REPORTS_DIR=str(out_root), PURIFY_PRESET=preset, PURIFY_HEADLESS="1")
         if progress:
             os.environ["PURIFY_PROGRESS"] = "text"
         for nb in books:
@@ -110,11 +116,15 @@ def run(preset: str = "default", *, only: list[str] | None = None, reports: str 
                 pm.execute_notebook(str(nb), str(out), parameters={**given, "preset": preset},
                                     cwd=str(notebooks_dir), kernel_name="python3", progress_bar=False,
                                     log_output=False, stderr_file=sys.stderr if progress else None,
+                                    execution_timeout=CELL_TIMEOUT_S,
                                     kernel_manager_class=local_kernel_manager(sockets.name))
             except pm.PapermillExecutionError as exc:
                 first = (exc.source or "").strip().splitlines()[:1]
                 raise PurifyError(f"{nb.name}: cell In [{exc.exec_count}] ({first[0][:60] if first else ''}) failed: "
                                   f"{exc.ename}: {exc.evalue} (executed copy: {out})") from None
+            except CellTimeoutError:
+                raise PurifyError(f"{nb.name}: a cell ran past {CELL_TIMEOUT_S} s and was stopped "
+                                  f"(executed copy: {out})") from None
             print(f"[{preset}] {nb.name} done in {time.time() - t0:.0f} s", flush=True)
             done.append(out)
     finally:

@@ -260,6 +260,28 @@ class UpdateFile:
         return d.T if info["fan_in_fan_out"] else d
 
 
+class MemoryUpdateFile(UpdateFile):
+    """An :class:`UpdateFile` that reads each tensor from disk once and keeps it."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self._kept: dict = {}
+
+    def _keep(self, key, read):
+        if key not in self._kept:
+            self._kept[key] = read()
+        return self._kept[key]
+
+    def parameters(self) -> dict:
+        return self._keep("parameters", super().parameters)
+
+    def factors(self, name: str):
+        return self._keep(("factors", name), lambda: super(MemoryUpdateFile, self).factors(name))
+
+    def delta(self, name: str):
+        return self._keep(("delta", name), lambda: super(MemoryUpdateFile, self).delta(name))
+
+
 @dataclass
 class Variants:
     """The ``N`` finished variant pairs on disk (``root/variant{i}-{slice}/{bd,clean}.safetensors``)."""
@@ -271,10 +293,20 @@ class Variants:
     # the opened update files (their module tables parsed once; tensors are still read per call)
     _files: dict = field(default_factory=dict, repr=False, compare=False)
 
+    # what memoized() keeps in memory (None: every read goes to disk, so memory stays near one module)
+    _memo: dict | None = field(default=None, repr=False, compare=False)
+
     def update(self, i: int, which: str) -> UpdateFile:
         if (i, which) not in self._files:
-            self._files[i, which] = UpdateFile(self.dirs[i] / f"{which}.safetensors")
+            path = self.dirs[i] / f"{which}.safetensors"
+            self._files[i, which] = UpdateFile(path) if self._memo is None else MemoryUpdateFile(path)
         return self._files[i, which]
+
+    def memoized(self) -> "Variants":
+        """The same variants, keeping every tensor read and every mean difference computed in memory:
+        for the tuner, which applies the same updates at every preview (memory grows with what is
+        read: the held-out variant's update, the flagged modules' mean differences)."""
+        return dataclasses.replace(self, _files={}, _memo={})
 
     @property
     def modules(self) -> list[str]:
@@ -294,8 +326,14 @@ class Variants:
 
     def mean_delta(self, name: str, include=None):
         """``mean_i Δ_i`` of component ``name`` over ``include`` (default all)."""
+        key = (name, None if include is None else tuple(include))
+        if self._memo is not None and key in self._memo:
+            return self._memo[key]
         d = self.deltas(name, include)
-        return sum(d) / len(d)
+        mean = sum(d) / len(d)
+        if self._memo is not None:
+            self._memo[key] = mean
+        return mean
 
     def to_dict(self) -> dict:
         return {"root": str(self.root), "config": self.config.to_dict(),

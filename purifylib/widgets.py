@@ -26,6 +26,9 @@ MODULES = ("gate", "up", "down")
 LEARNT = 0.5
 #: seconds without a new setting before a preview runs (arrow presses do not queue previews)
 DEBOUNCE_S = 0.4
+#: set by ``purify reproduce``: the tuner renders one static preview instead of live widgets (nobody can
+#: move a slider in a headless run, and a notebook client can hang on a cell full of live widgets)
+HEADLESS = "PURIFY_HEADLESS"
 
 
 @dataclass
@@ -83,7 +86,8 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, how=Non
     if spec is not None:
         base, trig, off = attack_prompts(clean, spec, seed)
         prompts.update(base=base, triggered=trig[:n_probe], off=off[:n_probe])
-    t = Tuner(model=model, tokenizer=tokenizer, signature=signature, loo_signature=loo, variants=variants,
+    # every preview applies the same updates: keep what it reads in memory instead of re-reading the files
+    t = Tuner(model=model, tokenizer=tokenizer, signature=signature, loo_signature=loo, variants=variants.memoized(),
               how=how or Neutralization(), held_out=k, clean=clean, spec=spec, n_samples=n_samples, seed=seed, prompts=prompts, match=match)
     t.samples_before = generate(model, tokenizer, _sample_prompts(t))
     t.before = measure(t, how=None)
@@ -272,18 +276,28 @@ def figure(t: Tuner, p: dict):
 
 
 def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.01):  # pragma: no cover - UI shell
-    """The ipywidgets tuner: sliders for τ, strength and λ, module toggles, a layer range.
+    """The ipywidgets tuner: sliders for τ, strength and λ, module toggles, a layer range (one static
+    preview instead when ``PURIFY_HEADLESS`` is set, as ``purify reproduce`` does).
 
     A preview runs once the settings have been still for :data:`DEBOUNCE_S` seconds (:func:`due`),
     so dragging or pressing arrows does not queue one preview per step. The controls wrap onto
     several rows rather than shrink (usable down to about 1000 px)."""
     import asyncio
+    import os
 
-    import ipywidgets as w
     import matplotlib.pyplot as plt
     from IPython.display import display
 
     from purifylib.models import layer_of
+
+    if os.environ.get(HEADLESS):  # papermill: nobody can move a slider; show the preview itself, no widgets
+        p = preview(t, tau=tau, strength=strength, lam=lam)
+        display(status_lines(t, p))
+        figure(t, p)
+        plt.show()
+        display(p["samples"])
+        return None
+    import ipywidgets as w
 
     n_layers = 1 + max(layer_of(n) for n in t.signature.scores)
     top = 1.0 if t.how.way == "negate" else 0.6  # negation can reach every channel

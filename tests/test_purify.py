@@ -77,6 +77,16 @@ def test_carrying_a_variant_restores_the_model(micro_bed, suspicious, tmp_path):
         assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
         plant = variants.config.plant(1)
         probe_asr(model, tok, clean[-8:], plant.trigger, plant.behaviour, kind=plant.kind)
+        carried = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # in memory (the tuner's): the same update, read from disk once
+    kept = variants.memoized()
+    name = kept.modules[0]
+    for _ in range(2):
+        with carrying(model, kept, 1):
+            assert all(torch.equal(v, model.state_dict()[k]) for k, v in carried.items())
+    assert torch.equal(kept.mean_delta(name), variants.mean_delta(name)) and kept.mean_delta(name) is kept.mean_delta(name)
+    assert kept.update(1, "bd")._kept and not hasattr(variants.update(1, "bd"), "_kept")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 

@@ -135,3 +135,25 @@ def test_only_the_default_preset_writes_the_committed_reports(monkeypatch):
     assert reports_dir() == REPO_ROOT / "reports" / "interactive"  # a notebook run by hand
     monkeypatch.setenv("PURIFY_REPORTS_DIR", "/somewhere")
     assert str(reports_dir()) == "/somewhere" and str(reports_dir("/given")) == "/given"
+
+
+def test_a_cell_past_the_timeout_fails_the_run_with_its_notebook(books, tmp_path, monkeypatch):
+    import purifylib.runner as runner
+
+    monkeypatch.setattr(runner, "CELL_TIMEOUT_S", 2)
+    make_notebook(books / "00_first.ipynb", "import time\ntime.sleep(30)")
+    (books / "params" / "slow.yaml").write_text("00_first: {}\n")
+    with pytest.raises(PurifyError, match=r"00_first.ipynb: a cell ran past 2 s and was stopped"):
+        run("slow", notebooks_dir=books, reports=tmp_path / "r", progress=False)
+
+
+def test_the_tuner_is_one_static_preview_in_a_headless_run(monkeypatch):
+    import purifylib.widgets as widgets
+
+    calls = []
+    monkeypatch.setenv(widgets.HEADLESS, "1")
+    monkeypatch.setattr(widgets, "preview", lambda t, **kw: calls.append(kw) or {"samples": "s"})
+    monkeypatch.setattr(widgets, "status_lines", lambda t, p: "table")
+    monkeypatch.setattr(widgets, "figure", lambda t, p: None)
+    assert widgets.tuner(object(), tau=0.12) is None  # no widgets to leave behind
+    assert calls == [{"tau": 0.12, "strength": 1.0, "lam": 0.01}]

@@ -151,7 +151,6 @@ class PurifyConfig:
         while they hold the value that reproduces them (:data:`LATER_FIELDS`), so those still resume."""
         return {k: v for k, v in self.to_dict().items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
-
     def paper_recipe(self, tau: float) -> "PurifyConfig":
         """The paper's recipe on this run's split: its insult variants, a fixed ``tau``,
         re-initialisation, the first grid's plain one-epoch repair (:data:`SIGNATURE_FIELDS`,
@@ -358,6 +357,7 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     n = cfg.variants.n_variants
     probe = split.holdout[:min(100, len(split.holdout))]
     folds, trials, planted, use = [], [], [], list(range(n))
+    families = cfg.variants.folds()  # one behaviour family per fold (one variant when families are not shared)
     if cfg.tau == "auto" or cfg.learnt_asr > 0:
         for k in range(n):  # each variant's own backdoor before any neutralization
             plant = cfg.variants.plant(k)
@@ -368,7 +368,7 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
         if min(planted) < 0.5:
             notes.append(f"some variants did not learn their own backdoor (ASR {min(planted):.0%} before "
                          "neutralization): the leave-one-out rule has little to go on; train the variants longer")
-        use = learnt_variants(planted, cfg.variants.folds(), cfg.learnt_asr, notes)
+        use = learnt_variants(planted, families, cfg.learnt_asr, notes)
     t = time.time()
     full_sig = score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=progress,
                      include=None if len(use) == n else use)
@@ -379,7 +379,7 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
 
         t = time.time()
         stage("choose_tau")
-        groups = [g for g in ([k for k in fold if k in use] for fold in cfg.variants.folds()) if g]
+        groups = [g for g in ([k for k in fold if k in use] for fold in families) if g]
         loo = [score(model, variants, lam=cfg.lam, heads=cfg.heads > 0, progress=False,
                      include=[i for i in use if i not in held]) for held in groups]
         removing = None

@@ -80,6 +80,9 @@ def run(preset: str = "default", *, only: list[str] | None = None, reports: str 
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError
 
+    from purifylib.progress import ENV as progress_env
+    from purifylib.widgets import HEADLESS
+
     params = load_preset(preset, notebooks_dir)
     shared = params.pop("shared", {})
     books = notebooks(notebooks_dir)
@@ -98,14 +101,15 @@ def run(preset: str = "default", *, only: list[str] | None = None, reports: str 
     out_root = Path(reports) if reports else default_reports(preset)
     executed_dir = out_root / "executed"
     executed_dir.mkdir(parents=True, exist_ok=True)
-    env_keys = ("PURIFY_REPORTS_DIR", "PURIFY_PRESET", "PURIFY_NOTEBOOK", "PURIFY_PROGRESS", "PURIFY_HEADLESS")
+    env_keys = ("PURIFY_REPORTS_DIR", "PURIFY_PRESET", "PURIFY_NOTEBOOK", progress_env, HEADLESS)
     saved = {k: os.environ.get(k) for k in env_keys}
     done = []
     sockets = tempfile.TemporaryDirectory(prefix="purify-kernel-")
+    kernels = local_kernel_manager(sockets.name)
     try:
-        os.environ.update(PURIFY_REPORTS_DIR=str(out_root), PURIFY_PRESET=preset, PURIFY_HEADLESS="1")
+        os.environ.update({"PURIFY_REPORTS_DIR": str(out_root), "PURIFY_PRESET": preset, HEADLESS: "1"})
         if progress:
-            os.environ["PURIFY_PROGRESS"] = "text"
+            os.environ[progress_env] = "text"
         for nb in books:
             os.environ["PURIFY_NOTEBOOK"] = nb.name
             out = executed_dir / nb.name
@@ -117,7 +121,7 @@ def run(preset: str = "default", *, only: list[str] | None = None, reports: str 
                                     cwd=str(notebooks_dir), kernel_name="python3", progress_bar=False,
                                     log_output=False, stderr_file=sys.stderr if progress else None,
                                     execution_timeout=CELL_TIMEOUT_S,
-                                    kernel_manager_class=local_kernel_manager(sockets.name))
+                                    kernel_manager_class=kernels)
             except pm.PapermillExecutionError as exc:
                 first = (exc.source or "").strip().splitlines()[:1]
                 raise PurifyError(f"{nb.name}: cell In [{exc.exec_count}] ({first[0][:60] if first else ''}) failed: "

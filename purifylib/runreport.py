@@ -203,16 +203,12 @@ def _html_table(header, rows) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _md_cell(c) -> str:
-    return str(c).replace("|", "\\|").replace("\n", " ")
-
-
 def _md_table(header, rows) -> str:
-    if not rows:
-        return "(none in this run)\n"
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    import pandas as pd
+
+    from purifylib.reports import to_markdown
+
+    return to_markdown(pd.DataFrame(rows, columns=header)) if rows else "(none in this run)\n"
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}

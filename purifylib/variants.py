@@ -22,6 +22,7 @@ import dataclasses
 import json
 import random
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,10 +277,10 @@ class MemoryUpdateFile(UpdateFile):
         return self._keep("parameters", super().parameters)
 
     def factors(self, name: str):
-        return self._keep(("factors", name), lambda: super(MemoryUpdateFile, self).factors(name))
+        return self._keep(("factors", name), partial(super().factors, name))
 
     def delta(self, name: str):
-        return self._keep(("delta", name), lambda: super(MemoryUpdateFile, self).delta(name))
+        return self._keep(("delta", name), partial(super().delta, name))
 
 
 @dataclass

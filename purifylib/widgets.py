@@ -65,7 +65,7 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, how=Non
 
     ``how`` is the neutralization the sliders start from (a purification's; default the paper's);
     ``match`` says how ``clean``'s answers are checked (:data:`purifylib.evaluate.MATCHES`)."""
-    from purifylib.evaluate import attack_prompts, generate
+    from purifylib.evaluate import attack_prompts
     from purifylib.neutralize import Neutralization
     from purifylib.signature import score
     from purifylib.variants import poisoned_copy
@@ -89,8 +89,8 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, how=Non
     # every preview applies the same updates: keep what it reads in memory instead of re-reading the files
     t = Tuner(model=model, tokenizer=tokenizer, signature=signature, loo_signature=loo, variants=variants.memoized(),
               how=how or Neutralization(), held_out=k, clean=clean, spec=spec, n_samples=n_samples, seed=seed, prompts=prompts, match=match)
-    t.samples_before = generate(model, tokenizer, _sample_prompts(t))
-    t.before = measure(t, how=None)
+    t.before = measure(t)  # the untouched model; its answers to the sample prompts are the "before" column
+    t.samples_before = t.before.pop("after")
     return t
 
 
@@ -240,8 +240,10 @@ def figure(t: Tuner, p: dict):
     the flagged channels (what random channels would hold: τ, dashed)."""
     import matplotlib.pyplot as plt
 
-    same = [h for h in t.history if (h["strength"], h["lam"], h["modules"], h["heads"], h["layers"]) ==
-            (p["strength"], p["lam"], t.history[-1]["modules"], t.history[-1]["heads"], t.history[-1]["layers"])]
+    def setting(h):  # everything but τ
+        return h["strength"], h["lam"], h["modules"], h["heads"], h["layers"]
+
+    same = [h for h in t.history if setting(h) == setting(t.history[-1])]  # the last is p's own
     same = sorted({h["tau"]: h for h in same}.values(), key=lambda h: h["tau"])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3), gridspec_kw={"width_ratios": [1, 1.3]})
     series = [("clean_accuracy", "clean accuracy", "tab:blue"), ("asr", "real ASR", "tab:red")]
@@ -290,12 +292,18 @@ def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.0
 
     from purifylib.models import layer_of
 
-    if os.environ.get(HEADLESS):  # papermill: nobody can move a slider; show the preview itself, no widgets
-        p = preview(t, tau=tau, strength=strength, lam=lam)
+    def show(p):
         display(status_lines(t, p))
-        figure(t, p)
+        if not t.synthetic_learnt:
+            print(f"The held-out variant reached only {100 * t.before['synthetic_asr']:.0f}% ASR on its own "
+                  "trigger before any neutralization: its ASR after says nothing about the setting.")
+        fig = figure(t, p)
         plt.show()
+        plt.close(fig)
         display(p["samples"])
+
+    if os.environ.get(HEADLESS):  # papermill: nobody can move a slider; show the preview itself, no widgets
+        show(preview(t, tau=tau, strength=strength, lam=lam))
         return None
     import ipywidgets as w
 
@@ -319,7 +327,7 @@ def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.0
     out = w.Output()
     requests: list[float] = []
 
-    def style_toggle(change=None):
+    def style_toggle():
         for b in toggles.values():
             b.icon, b.button_style = ("check", "success") if b.value else ("times", "")
 
@@ -335,14 +343,7 @@ def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.0
                 print(f"error: {exc}")
                 busy.value = ""
                 return
-            display(status_lines(t, p))
-            if not t.synthetic_learnt:
-                print(f"The held-out variant reached only {100 * t.before['synthetic_asr']:.0f}% ASR on its own "
-                      "trigger before any neutralization: its ASR after says nothing about the setting.")
-            fig = figure(t, p)
-            plt.show()
-            plt.close(fig)
-            display(p["samples"])
+            show(p)
             busy.value = f"<i>preview took {p['seconds']:.2f} s</i>"
 
     def request(_=None):

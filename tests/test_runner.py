@@ -155,5 +155,7 @@ def test_the_tuner_is_one_static_preview_in_a_headless_run(monkeypatch):
     monkeypatch.setattr(widgets, "preview", lambda t, **kw: calls.append(kw) or {"samples": "s"})
     monkeypatch.setattr(widgets, "status_lines", lambda t, p: "table")
     monkeypatch.setattr(widgets, "figure", lambda t, p: None)
-    assert widgets.tuner(object(), tau=0.12) is None  # no widgets to leave behind
+    from types import SimpleNamespace
+
+    assert widgets.tuner(SimpleNamespace(synthetic_learnt=True), tau=0.12) is None  # no widgets to leave behind
     assert calls == [{"tau": 0.12, "strength": 1.0, "lam": 0.01}]

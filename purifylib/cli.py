@@ -7,6 +7,7 @@ Errors are one line on stderr and a non-zero exit (2 for bad input, 1 for anythi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -31,6 +32,18 @@ def _number(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
     return value
+
+
+def _int_list(text: str) -> list[int]:
+    """argparse type: comma-separated whole numbers (``0,1,2``)."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got '{text}'") from None
+
+
+def _word_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _attack_sidecar(path: Path) -> Path:
@@ -186,7 +199,6 @@ VARIANT_FLAGS = {"variants": "n_variants", "threat": "threat", "variant_set": "v
 def run_config(a):
     """``purify run``'s :class:`~purifylib.purify.PurifyConfig`: the defaults, then ``--config FILE`` (a
     YAML mapping of any of its fields, ``variants:`` a mapping of VariantConfig's), then the flags given."""
-    import dataclasses
 
     from purifylib.purify import PurifyConfig
     from purifylib.variants import VariantConfig
@@ -256,6 +268,14 @@ def cmd_grid(a) -> int:
     from purifylib.studies.grid import GridConfig, git_commit, grid_cells, run_grid, verdict, write_grid
 
     cfg = GridConfig.preset(a.preset)
+    narrow = {k: tuple(v) for k, v in (("seeds", a.seeds), ("threats", a.threats)) if v is not None}
+    for name, values in narrow.items():
+        extra = [v for v in values if v not in getattr(cfg, name)]
+        if extra or not values:
+            raise PurifyError(f"--{name} {','.join(map(str, values)) or '(empty)'}: preset '{a.preset}' has "
+                              f"{name} {','.join(map(str, getattr(cfg, name)))}")
+    if narrow:  # a part of the preset (its cells keep their keys: a later full run reads them back)
+        cfg = dataclasses.replace(cfg, **narrow)
     if a.hours is not None and a.hours <= 0:
         raise PurifyError(f"--hours must be > 0, got {a.hours}")
     out = Path(a.out) if a.out else REPO_ROOT / "reports" / ("grid" if a.preset == "grid" else f"grid-{a.preset}")
@@ -409,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--note", help="what changed since the last run, for the run log")
     s.add_argument("--hours", type=_number, help="start no new cell after this many hours; the tables then hold "
                    "the cells that finished (a later run resumes)")
+    s.add_argument("--seeds", type=_int_list, help="run only these of the preset's seeds, e.g. 0,1")
+    s.add_argument("--threats", type=_word_list, help="run only these threats: full, adapter or full,adapter")
     s.set_defaults(func=cmd_grid)
 
     s = sub.add_parser("import-gguf", help="convert a GGUF checkpoint into a Hugging Face directory (safetensors)")

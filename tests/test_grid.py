@@ -35,6 +35,8 @@ def test_grid_config_errors(tmp_path):
         GridConfig(defences=("none", "magic"))
     with pytest.raises(PurifyError, match="not in the grid"):
         grid_cells(GridConfig(pairs=(("badnets", "poetry"),)))
+    with pytest.raises(PurifyError, match="threats must be full and/or adapter"):
+        GridConfig(threats=("full", "lora"))
     bad = tmp_path / "grid.yaml"
     bad.write_text(GRID_FILE.read_text().replace("    n_eval: 40\n", "    n_eval: 40\n    colour: red\n"))
     with pytest.raises(PurifyError, match="unknown setting"):
@@ -82,6 +84,30 @@ def test_table2_and_verdict():
     assert any("3 of 6 report cell runs keep an ASR above 10%" in ln and "vpi x code" in ln for ln in lines)
     md = findings_markdown(frame.assign(score=[50.0, 60.0] * 6))
     assert md.count("\n- ") == len(lines) and "highest mean score" in md and "purify run 60.0" in md
+
+
+def test_grid_flags_narrow_a_preset_to_some_seeds_and_threats(tmp_path, capsys, monkeypatch):
+    from purifylib import cli
+    from purifylib.studies import grid
+
+    seen = {}
+
+    def fake_run(cfg, **kw):
+        seen["cells"] = grid_cells(cfg)
+        raise PurifyError("stop here")
+
+    monkeypatch.setattr(grid, "run_grid", fake_run)
+    argv = ["--quiet", "grid", "--preset", "grid-auto", "--out", str(tmp_path / "out")]
+    assert cli.main(argv + ["--seeds", "1", "--threats", "full"]) == 2
+    cells = seen["cells"]
+    assert {c.seed for c in cells} == {1} and {c.threat for c in cells} == {"full"} and len(cells) == 20
+    # a seed or threat the preset lacks is refused before any work, in one line
+    for flag, value, words in (("--seeds", "7", "--seeds 7: preset 'grid-auto' has seeds 0,1,2"),
+                               ("--threats", "lora", "--threats lora: preset 'grid-auto' has threats full,adapter")):
+        seen.clear()
+        assert cli.main(argv + [flag, value]) == 2
+        assert words in capsys.readouterr().err and not seen
+    assert cli.main(argv + ["--seeds", "a"]) == 2 and "expected whole numbers" in capsys.readouterr().err
 
 
 def test_committed_grid_is_read_back(tmp_path):

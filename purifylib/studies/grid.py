@@ -103,6 +103,9 @@ class GridConfig:
             raise PurifyError(f"split must be report, dev or all, got {self.split!r}")
         object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "threats", tuple(self.threats))
+        if not self.threats or set(self.threats) - {"full", "adapter"}:
+            raise PurifyError(f"threats must be full and/or adapter, got {list(self.threats)}")
         if self.paper_seeds is not None:
             object.__setattr__(self, "paper_seeds", tuple(int(s) for s in self.paper_seeds))
 

@@ -168,6 +168,11 @@ def cmd_run(a) -> int:
                         device=a.device, dtype=a.dtype)
         write_purified_into(result, tmp, inputs=inputs)
     m = result.metrics
+    if result.fragility is not None:
+        print(f"fragility: re-initialising 5% random MLP channels multiplies held-out perplexity by "
+              f"{result.fragility:.2f} (threshold {cfg.fragile_ppl:g}): "
+              + ("the pretrained recipe ran (negation)" if result.recipe == "pretrained" else
+                 f"the configured recipe ran ({result.config.neutral})"))
     print(f"wrote {a.out}: tau {result.tau:g}, held-out accuracy {m['suspicious']['accuracy']:.3f} -> "
           f"{m['purified']['accuracy']:.3f}, perplexity {m['suspicious']['perplexity']:.3f} -> "
           f"{m['purified']['perplexity']:.3f}, {result.timings['total']:.0f} s")
@@ -191,7 +196,7 @@ def cmd_report(a) -> int:
 RUN_FLAGS = {"tau": "tau", "strength": "strength", "neutral": "neutral", "alpha": "alpha", "heads": "heads",
              "utility": "utility", "prefer": "prefer", "n_holdout": "n_holdout", "repair_n": "repair_n",
              "repair_lr": "repair_lr", "repair_epochs": "repair_epochs", "repair_triggers": "repair_triggers",
-             "learnt_asr": "learnt_asr", "seed": "seed"}
+             "learnt_asr": "learnt_asr", "fragile_ppl": "fragile_ppl", "seed": "seed"}
 VARIANT_FLAGS = {"variants": "n_variants", "threat": "threat", "variant_set": "variants", "variant_lora": "lora",
                  "variant_epochs": "epochs", "seed": "seed"}
 
@@ -384,9 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heads", type=int, help="attention heads flagged per layer (default 0: MLP channels only)")
     s.add_argument("--strength", type=_number, help="neutralization strength in [0, 1] (default 1)")
     s.add_argument("--neutral", choices=("reinit", "negate"),
-                   help="reinit (default): re-initialise the flagged channels (the paper's); negate: subtract "
-                        "--alpha times the variants' mean difference there (gentler on pretrained models)")
+                   help="reinit (default): re-initialise the flagged channels (the paper's; a model that "
+                        "--fragile-ppl finds pretrained is negated instead); negate: subtract --alpha times the "
+                        "variants' mean difference there (gentler on pretrained models)")
     s.add_argument("--alpha", type=_number, help="how much of the variants' difference negate subtracts (default 1)")
+    s.add_argument("--fragile-ppl", type=_number, metavar="FACTOR",
+                   help="measured first: if re-initialising a random 5%% of the MLP channels multiplies held-out "
+                        "perplexity by more than FACTOR (a pretrained model), negate at alpha 1.25 with every head "
+                        "and repair at lr 3e-5 instead of re-initialising (default 2; 0: never switch)")
     s.add_argument("--threat", choices=("full", "adapter"), help="full (default) or adapter (with --adapter)")
     s.add_argument("--utility", choices=("auto", "accuracy", "perplexity"),
                    help="what the tau rule keeps: held-out accuracy (>= 97%%) or perplexity (<= 110%%); auto "

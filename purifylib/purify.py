@@ -32,6 +32,16 @@ unchanged, so the repair also unlearns "a trigger overrides the answer". The def
 variants spread over behaviour families and trigger kinds, removal first, the triggered two-epoch
 repair) were chosen on the dev cells of ``data/grid.yaml`` (notebook 02, section 8).
 
+**A model trained from scratch or a pretrained one** is told apart by a property the run measures
+before it scores anything, its *fragility*: the factor by which re-initialising a random 5% of every
+MLP module's channels (no repair) multiplies the perplexity of the held-out records. Measured:
+×1.02-1.11 on every tiny-testbed model (``benchmarks/bench_fragility.py``), ×7.3 on
+SmolLM2-135M-Instruct (``benchmarks/bench_neutralization_real.py``). Above ``fragile_ppl`` (2) the
+paper's re-initialisation would break the model before it removes anything, so the run takes the
+pretrained recipe instead (:data:`PRETRAINED_RECIPE`: negation at α 1.25 of every MLP channel and
+every attention head on the negation τ grid, and a repair at lr 3e-5, at which SmolLM2's perplexity
+holds); the report says which recipe ran and why. ``fragile_ppl=0`` never switches.
+
 **Utility** is held-out exact-match accuracy when the defender's data carries reference answers.
 Records without an answer (``output`` empty or missing: instructions only, the usual case with a
 real model) are first answered by the suspicious model itself (greedy, cached); exact match
@@ -59,6 +69,13 @@ PREFERS = ("removal", "utility")
 TAU_GRID = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4)
 # negating edits each flagged channel only by the variants' difference, so it can reach every channel
 NEGATE_TAU_GRID = (0.1, 0.25, 0.5, 0.75, 1.0)
+#: the share of each MLP module's channels re-initialised at random to measure a model's fragility
+FRAGILITY_TAU = 0.05
+#: what a fragile (pretrained) model gets instead of re-initialisation: the `real` presets' way, chosen on
+#: SmolLM2 (negation at α 1.25 of the flagged MLP channels and every head: ×1.17 perplexity before the
+#: repair, where re-initialising 5% gave ×8.6); the repair at lr 3e-5 (3e-4 raised SmolLM2's perplexity by
+#: half in five steps). "heads": "all" is the model's head count.
+PRETRAINED_RECIPE = {"neutral": "negate", "alpha": 1.25, "heads": "all", "repair_lr": 3e-5}
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,9 @@ class PurifyConfig:
     # a variant whose own backdoor reaches less than this ASR (held-out prompts, before neutralization) is
     # left out of the signature and the folds: its difference carries no backdoor (0: every variant counts)
     learnt_asr: float = 0.0
+    # re-initialisation gives way to PRETRAINED_RECIPE when re-initialising a random FRAGILITY_TAU of the MLP
+    # channels multiplies held-out perplexity by more than this (0: never; only under the full-weight threat)
+    fragile_ppl: float = 2.0
     answer_tokens: int = 40  # answer length when the suspicious model answers the defender's instructions
     seed: int = 0
 
@@ -120,6 +140,8 @@ class PurifyConfig:
         for name in ("repair_triggers", "learnt_asr"):
             if not 0 <= getattr(self, name) <= 1:
                 raise PurifyError(f"{name} must be a share in [0, 1], got {getattr(self, name)}")
+        if not (math.isfinite(self.fragile_ppl) and (self.fragile_ppl == 0 or self.fragile_ppl > 1)):
+            raise PurifyError(f"fragile_ppl must be 0 (never switch) or a perplexity factor > 1, got {self.fragile_ppl}")
         for name in ("ppl_keep", "acc_keep", "lam", "loo_asr_max", "repair_lr", "repair_epochs"):
             if not math.isfinite(getattr(self, name)):
                 raise PurifyError(f"{name} must be a finite number, got {getattr(self, name)}")
@@ -155,7 +177,14 @@ class PurifyConfig:
         """The paper's recipe on this run's split: its insult variants, a fixed ``tau``,
         re-initialisation, the first grid's plain one-epoch repair (:data:`SIGNATURE_FIELDS`,
         :data:`REPAIR_FIELDS`)."""
-        return dataclasses.replace(self.held_at_first_values(repair=True), tau=tau)
+        return dataclasses.replace(self.held_at_first_values(repair=True), tau=tau, fragile_ppl=0.0)
+
+    def for_pretrained(self, n_heads: int) -> "PurifyConfig":
+        """This config with :data:`PRETRAINED_RECIPE` (``heads: "all"`` = ``n_heads``); a τ grid left at
+        re-initialisation's default becomes negation's."""
+        recipe = {k: (n_heads if v == "all" else v) for k, v in PRETRAINED_RECIPE.items()}
+        grid = NEGATE_TAU_GRID if self.tau_grid == TAU_GRID else self.tau_grid
+        return dataclasses.replace(self, **recipe, tau_grid=grid)
 
     def held_at_first_values(self, repair: bool = False) -> "PurifyConfig":
         """This config with the signature's and the τ rule's settings (and with ``repair``, the repair's
@@ -173,16 +202,59 @@ class PurifyConfig:
 
 
 #: fields added to PurifyConfig after the first grid was committed, with the value that means "as before"
-LATER_FIELDS = {"prefer": "utility", "repair_triggers": 0.0, "learnt_asr": 0.0}
+#: (``fragile_ppl`` 2 reproduces them: on the testbed, the only bed of committed re-initialisation results, the
+#: switch cannot fire: re-initialising 5% random channels costs ×1.02-1.11 perplexity, benchmarks/bench_fragility.py)
+LATER_FIELDS = {"prefer": "utility", "repair_triggers": 0.0, "learnt_asr": 0.0, "fragile_ppl": 2.0}
 #: the settings only the signature and the τ rule read (not the split, not the repair), at their values
 #: when the first grid was committed (the paper's insult variants, the τ grid of re-initialisation)
 SIGNATURE_FIELDS = {"tau": "auto", "tau_grid": None, "strength": 1.0, "neutral": "reinit", "alpha": 1.0, "heads": 0,
                     "lam": 0.01, "loo_asr_max": 0.05, "acc_keep": 0.97, "utility": "auto", "ppl_keep": 1.10,
-                    "prefer": "utility", "repair_triggers": 0.0, "learnt_asr": 0.0,
+                    "prefer": "utility", "repair_triggers": 0.0, "learnt_asr": 0.0, "fragile_ppl": 2.0,
                     "variants": {"variants": "paper", "lora": None, "lr": None, "epochs": 3.0, "batch_size": 32,
                                  "lora_r": 8, "lora_alpha": 16}}
 #: the repair's settings at their first-grid values (held for the defences that do not repair as purify run does)
 REPAIR_FIELDS = {"repair_epochs": 1.0, "repair_lr": 3e-4}
+
+
+# --------------------------------------------------------------------------- from scratch or pretrained
+
+
+def fragility(model, tokenizer, records: list[dict], seed: int = 0) -> float:
+    """The factor by which re-initialising a seeded random :data:`FRAGILITY_TAU` of every MLP module's
+    channels (no repair) multiplies the perplexity of ``records``; the model is restored after."""
+    import torch
+
+    from purifylib.evaluate import perplexity
+    from purifylib.models import components, layout, resolve
+    from purifylib.neutralize import neutralized
+    from purifylib.signature import Signature
+
+    names = components(model, "mlp")
+    layouts = {n: layout(model, n) for n in names}
+    g = torch.Generator().manual_seed(seed)
+    widths = {n: resolve(model, n).weight.shape[0 if layouts[n] == "row" else 1] for n in names}
+    sig = Signature(scores={n: torch.rand(widths[n], generator=g) for n in names}, layouts=layouts)
+    before = perplexity(model, tokenizer, records)
+    with neutralized(model, sig, Neutralization(tau=FRAGILITY_TAU, way="reinit", seed=seed)):
+        after = perplexity(model, tokenizer, records)
+    return after / before
+
+
+def choose_recipe(cfg: PurifyConfig, model, tokenizer, records: list[dict], notes: list) -> tuple:
+    """(config, fragility, recipe): ``cfg`` as given (``configured``), or with :data:`PRETRAINED_RECIPE` when re-initialisation is
+    the way and the model is fragile (``pretrained``). Fragility is measured under the full-weight threat only (an
+    adapter's neutralization zeroes the adapter's own channels); ``None`` otherwise."""
+    if cfg.variants.threat != "full":
+        return cfg, None, "configured"
+    ratio = fragility(model, tokenizer, records, seed=cfg.seed)
+    if cfg.neutral == "reinit" and cfg.fragile_ppl and ratio > cfg.fragile_ppl:
+        from purifylib.models import head_geometry
+
+        notes.append(f"re-initialising a random {FRAGILITY_TAU:.0%} of the MLP channels multiplies held-out "
+                     f"perplexity by {ratio:.2f} (> {cfg.fragile_ppl:g}): a pretrained model; negation instead "
+                     f"(alpha {PRETRAINED_RECIPE['alpha']}, every head, repair lr {PRETRAINED_RECIPE['repair_lr']:g})")
+        return cfg.for_pretrained(head_geometry(model).n_heads), ratio, "pretrained"
+    return cfg, ratio, "configured"
 
 
 # --------------------------------------------------------------------------- leave-one-out τ
@@ -255,17 +327,25 @@ class PurifyResult:
     floor: float | None = None  # the leave-one-out floor (tau="auto"), before the utility step
     variants: object = None
     split: object = None  # the defender's data as this run divided it (hold-out, variants, repair)
+    fragility: float | None = None  # held-out perplexity × after re-initialising 5% random MLP channels
+    recipe: str = "configured"  # "pretrained" when the fragility check switched to PRETRAINED_RECIPE
 
     @property
     def neutralization(self) -> Neutralization:
         """How the returned model was neutralized: the config's way at the chosen τ."""
         return self.config.neutralization(self.tau)
 
+    def ran(self, cfg: PurifyConfig) -> PurifyConfig:
+        """``cfg`` with the recipe this run used (:data:`PRETRAINED_RECIPE`'s fields and the τ grid), for
+        later steps that neutralize or repair as it did."""
+        return dataclasses.replace(cfg, **{k: getattr(self.config, k) for k in (*PRETRAINED_RECIPE, "tau_grid")})
+
     def rule_summary(self) -> dict:
-        """The τ rule in three scalars (a grid row keeps them): the floor, the weakest variant's own ASR
-        before neutralization, and each trial as ``tau:holds|fails``."""
+        """The τ rule in a few scalars (a grid row keeps them): the floor, the weakest variant's own ASR
+        before neutralization, the fragility and the recipe it chose, and each trial as ``tau:holds|fails``."""
         own = [f["asr"] for f in self.folds if f["tau"] == 0.0]
-        return {"tau_floor": self.floor, "variants_min_asr": min(own) if own else None,
+        return {"tau_floor": self.floor, "variants_min_asr": min(own) if own else None, "fragility": self.fragility,
+                "recipe": self.recipe,
                 "trials": " ".join(f"{t['tau']:g}:{'holds' if t['holds'] else 'fails'}" for t in self.tau_trials)}
 
     def folds_frame(self):
@@ -278,6 +358,8 @@ class PurifyResult:
         repairs = max(1, len(self.tau_trials))
         return {
             "tau": self.tau, "tau_floor": self.floor, "config": self.config.to_dict(),
+            "fragility": {"perplexity_factor": self.fragility, "threshold": self.config.fragile_ppl,
+                          "tau": FRAGILITY_TAU, "recipe": self.recipe},
             "neutralization": self.neutralization.to_dict(), "metrics": self.metrics, "timings": self.timings,
             "loo_folds": self.folds, "tau_trials": self.tau_trials, "notes": self.notes, "samples": self.samples,
             "cost": {"fine_tunes": 2 * n + repairs, "paper_fine_tunes": 2 * n + 1,
@@ -351,6 +433,7 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     stage("score")
     model, tok = load()
     metrics = {"suspicious": _holdout_metrics(model, tok, split.holdout)}
+    cfg, frag, recipe = choose_recipe(cfg, model, tok, split.holdout, notes)
     shown = split.holdout[:N_SAMPLES]
     samples = [{"instruction": r["instruction"], "input": r.get("input", ""), "reference": r.get("output", ""),
                 "suspicious": a} for r, a in zip(shown, _answers(model, tok, shown))]
@@ -450,7 +533,7 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     return PurifyResult(model=model, tokenizer=tok, signature=full_sig, tau=tau, config=cfg,
                         folds=folds, tau_trials=trials, metrics=metrics, timings=timings, notes=notes,
                         samples=samples, floor=removing if cfg.tau == "auto" else None, variants=variants,
-                        split=split)
+                        split=split, fragility=frag, recipe=recipe)
 
 
 def versions() -> dict:

@@ -69,6 +69,16 @@ def metrics_rows(report: dict) -> list[list[str]]:
     return [[k.replace("_", " "), _num(s[k], 4), _num(p[k], 4)] for k in keys]
 
 
+def fragility_rows(report: dict) -> list[list[str]]:
+    """The property that chose the recipe (absent from reports written before it was measured)."""
+    f = report.get("fragility") or {}
+    if f.get("perplexity_factor") is None:
+        return []
+    return [[f"held-out perplexity x, {f['tau']:.0%} random MLP channels re-initialised", _num(f["perplexity_factor"])],
+            ["threshold (fragile_ppl; above it: the pretrained recipe)", f"{f['threshold']:g}"],
+            ["recipe that ran", f["recipe"]]]
+
+
 def trial_rows(report: dict) -> list[list[str]]:
     rows = []
     for t in report.get("tau_trials") or []:
@@ -180,6 +190,7 @@ def _sections(report: dict):
     inputs = report.get("inputs") or {}
     return [
         ("Inputs", ["input", "value"], [[k, _short(v)] for k, v in inputs.items()]),
+        ("Recipe: trained from scratch or pretrained", ["measured", "value"], fragility_rows(report)),
         ("Held-out metrics, before and after", ["metric", "suspicious", "purified"], metrics_rows(report)),
         ("The tau rule: each trial (neutralize, repair, measure)", ["tau", "accuracy", "perplexity", "bound", "holds"],
          trial_rows(report)),

@@ -365,12 +365,13 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
                 model, tok = sus.load(merge=threat == "full" or d in ("none", "magnitude", "wanda", "fine-pruning"))
                 tau = auto.tau if d == "random" else None
                 how = None
+                ran = auto.config if auto else cfg  # the recipe purify run ran (pretrained models switch)
                 if tau is not None:  # the control neutralizes as purify run does, on random channels
-                    how = cfg.neutralization(tau).replace(strength=1.0, seed=dcfg.seed + draw)
+                    how = ran.neutralization(tau).replace(strength=1.0, seed=dcfg.seed + draw)
                 # baselines fine-tune on the clean records as they are; the random control repairs as purify run does
                 model = defend(d, model, tok, clean=split.clean_repair,
                                repair_records=split.repair if d == "random" else split.clean_repair,
-                               repair_cfg=cfg.repair_config(),
+                               repair_cfg=(ran if d == "random" else cfg).repair_config(),
                                signature=auto.signature if auto else None, how=how, variants=auto and auto.variants,
                                cfg=dataclasses.replace(dcfg, seed=dcfg.seed + draw))
             m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw).to_dict()

@@ -41,6 +41,7 @@ def test_purify_runs_on_every_family(family, micro_bed, tmp_path):
     assert loaded.config.model_type == family and components(loaded, "mlp")
     res = purify(tmp_path / "model", micro_bed.split("defender"), QUICK, cache_dir=tmp_path / "cache", progress=False)
     sig = res.signature
+    assert res.fragility > 0 and res.recipe in ("configured", "pretrained")  # measured on every family's layout
     assert len(sig.mlp_modules) == 2 * len(FAMILIES[family].mlp)
     # the purified model's flagged channels differ from the suspicious model's
     name = sig.mlp_modules[0]

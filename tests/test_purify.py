@@ -159,6 +159,8 @@ def test_purify_run_cli(capsys, micro_bed, suspicious, tmp_path):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "tau 0.1" in captured.out
+    assert "fragility: re-initialising 5% random MLP channels multiplies held-out perplexity by 1." in captured.out
+    assert "the configured recipe ran (reinit)" in captured.out
     assert tree_hash(suspicious.model_dir) == before  # the input is never written to
     report = json.loads((out / "purify_report.json").read_text())
     assert report["inputs"]["clean_records"] == len(micro_bed.split("defender"))
@@ -224,8 +226,9 @@ def test_run_config_reads_a_recipe_and_flags_win(tmp_path):
     recipe.write_text("tau: 0.2\nheads: 3\nneutral: negate\nalpha: 1.25\nlam: 0.05\nrepair_n: 500\n"
                       "variants: {n_variants: 4, lora: true, variants: diverse}\n")
     argv = ["run", "--model", "m", "--clean-data", "c", "--out", "o", "--config", str(recipe)]
-    a = build_parser().parse_args(argv + ["--heads", "5", "--seed", "2"])
+    a = build_parser().parse_args(argv + ["--heads", "5", "--seed", "2", "--fragile-ppl", "0"])
     cfg = run_config(a)
+    assert cfg.fragile_ppl == 0
     assert (cfg.tau, cfg.heads, cfg.neutral, cfg.alpha, cfg.lam, cfg.repair_n, cfg.seed) == (0.2, 5, "negate", 1.25,
                                                                                                  0.05, 500, 2)
     assert cfg.variants.n_variants == 4 and cfg.variants.lora and cfg.variants.seed == 2
@@ -243,7 +246,7 @@ def test_run_config_reads_a_recipe_and_flags_win(tmp_path):
 def test_a_later_setting_at_its_old_value_keeps_cached_results_valid():
     first = PurifyConfig().held_at_first_values(repair=True)  # the settings the committed grid was keyed with
     old = first.to_dict()
-    for later in ("prefer", "repair_triggers", "learnt_asr"):
+    for later in ("prefer", "repair_triggers", "learnt_asr", "fragile_ppl"):
         old.pop(later)  # the configuration as it was when the committed grid was keyed
     assert first.identity() == old
     assert PurifyConfig(prefer="removal").identity()["prefer"] == "removal"
@@ -281,6 +284,58 @@ def test_a_change_to_the_method_keeps_the_baselines_keys():
     assert longer.baseline_identity(repair=True) != base.identity() == longer.baseline_identity(repair=False)
     assert longer.paper_recipe(0.03).repair_epochs == 1.0 and longer.paper_recipe(0.03).variants.variants == \
         VariantConfig(variants="paper").variants
+
+
+def test_fragility_is_measured_and_leaves_the_model_as_it_was(micro_bed, suspicious):
+    from purifylib.purify import fragility
+
+    model, tok = suspicious.load()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ratio = fragility(model, tok, micro_bed.split("defender")[:24], seed=0)
+    assert 1.0 < ratio < 2.0  # a model trained from scratch: 5% random channels barely move it
+    assert ratio == fragility(model, tok, micro_bed.split("defender")[:24], seed=0)  # seeded
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_fragile_model_gets_the_pretrained_recipe(micro_bed, suspicious, monkeypatch):
+    import purifylib.purify as pp
+
+    model, tok = suspicious.load()
+    records = micro_bed.split("defender")[:8]
+    monkeypatch.setattr(pp, "fragility", lambda *a, **k: 7.3)  # SmolLM2's measured factor
+    notes = []
+    cfg, ratio, recipe = pp.choose_recipe(PurifyConfig(), model, tok, records, notes)
+    n_heads = model.config.num_attention_heads
+    assert (recipe, ratio, cfg.neutral, cfg.alpha, cfg.heads, cfg.repair_lr, cfg.tau_grid) == \
+        ("pretrained", 7.3, "negate", 1.25, n_heads, 3e-5, NEGATE_TAU_GRID)
+    assert "7.30 (> 2)" in notes[0] and cfg.repair_epochs == PurifyConfig().repair_epochs
+    # what the user chose is kept: negation already, the check off, or the adapter-only threat
+    for given in (PurifyConfig(neutral="negate", alpha=2.0), PurifyConfig(fragile_ppl=0),
+                  PurifyConfig(fragile_ppl=10.0)):
+        assert pp.choose_recipe(given, model, tok, records, [])[::2] == (given, "configured")
+    adapter = PurifyConfig(variants=VariantConfig(threat="adapter"))
+    assert pp.choose_recipe(adapter, model, tok, records, []) == (adapter, None, "configured")
+    monkeypatch.setattr(pp, "fragility", lambda *a, **k: 1.07)  # the testbed's
+    assert pp.choose_recipe(PurifyConfig(), model, tok, records, [])[::2] == (PurifyConfig(), "configured")
+    # the paper's recipe re-initialises whatever the model; the check keeps every committed key
+    assert PurifyConfig().paper_recipe(0.03).fragile_ppl == 0 and "fragile_ppl" not in PurifyConfig().identity()
+    assert PurifyConfig(fragile_ppl=3.0).identity()["fragile_ppl"] == 3.0
+    for bad in (0.5, 1.0, float("nan")):
+        with pytest.raises(PurifyError, match="fragile_ppl must be 0"):
+            PurifyConfig(fragile_ppl=bad)
+
+
+def test_purify_reports_the_recipe_it_ran(micro_bed, suspicious, tmp_path, monkeypatch):
+    import purifylib.purify as pp
+
+    monkeypatch.setattr(pp, "fragility", lambda *a, **k: 9.0)
+    res = purify(suspicious.model_dir, micro_bed.split("defender"), PurifyConfig(**{**QUICK, "tau": 0.1}),
+                 cache_dir=tmp_path, progress=False)
+    assert res.recipe == "pretrained" and res.neutralization.way == "negate" and res.fragility == 9.0
+    assert res.to_dict()["fragility"] == {"perplexity_factor": 9.0, "threshold": 2.0, "tau": 0.05,
+                                          "recipe": "pretrained"}
+    assert res.ran(PurifyConfig(**QUICK)).neutral == "negate"
+    assert res.rule_summary()["fragility"] == 9.0 and res.rule_summary()["recipe"] == "pretrained"
 
 
 def test_only_variants_that_learnt_their_backdoor_count():

@@ -14,6 +14,7 @@ def _report():
         "tau": 0.12,
         "config": {"tau": "auto", "variants": {"n_variants": 2, "variants": [["w", "<b>x</b>"]]}},
         "neutralization": {"way": "reinit"},
+        "fragility": {"perplexity_factor": 1.07, "threshold": 2.0, "tau": 0.05, "recipe": "configured"},
         "metrics": {"suspicious": {"accuracy": 0.9, "perplexity": 1.05},
                     "purified": {"accuracy": 0.88, "perplexity": 1.07}},
         "loo_folds": [{"tau": 0.0, "fold": 0, "family": "insult", "trigger": "w", "asr": 1.0},
@@ -38,7 +39,8 @@ def test_report_page_holds_every_section(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text()
     for needle in ("tau 0.12 (reinit)", "0.900 -&gt; 0.880", "Leave-one-family-out", "What is 2+2?",
-                   "data:image/png;base64,", "fine-tune equivalents", "variants.n_variants"):
+                   "data:image/png;base64,", "fine-tune equivalents", "variants.n_variants",
+                   "5% random MLP channels re-initialised", "1.070", "configured"):
         assert needle in page, needle
     assert "<b>x</b>" not in page and "&lt;their&gt;" in page  # text from the run is escaped
     assert "http" not in page.replace("http-equiv", "")  # self-contained: nothing fetched

@@ -164,6 +164,7 @@ def run(zoo_config, purify_config, *, plant_overrides: dict | None = None, ns=(1
     purified = purify_zoo(bed, suspicious, pcfg, n_eval=zcfg.n_eval, seed=zcfg.seed, progress=progress)
     focus = suspicious[0]
     run_ = purified.runs[focus.name]
+    pcfg = run_.ran(pcfg)  # a pretrained model's run switches recipe: later steps neutralize and repair as it did
     model, _ = focus.load(merge=focus.adapter_dir is None)
     consistency = variant_consistency(model, run_.variants) if pcfg.variants.n_variants > 1 else pd.DataFrame()
     sig = run_.signature

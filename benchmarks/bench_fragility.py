@@ -6,9 +6,9 @@
 For every suspicious model planted in the cache (``CACHE/zoo/*``, full weights) and the testbed's
 base model, and for SmolLM2-135M-Instruct when it is installed (``make smollm2``), prints
 :func:`purifylib.purify.fragility`: the factor by which re-initialising a seeded random 5% of every
-MLP module's channels (no repair) multiplies the perplexity of the defender's held-out records, as
-``purify run`` measures it (its default split: the first ``n_holdout`` records after the seeded
-shuffle; SmolLM2's records are answered by the model itself first, as ``purify run`` does). Writes
+MLP module's channels (no repair) multiplies the perplexity of the defender's held-out records
+(geometric mean of three draws), as ``purify run --seed S`` measures it (its default split: the
+first ``n_holdout`` records after the seeded shuffle, the draws seeded from S; SmolLM2's records are answered by the model itself first, as ``purify run`` does). Writes
 ``OUT/tables/fragility.csv`` and ``.md``. ``purify run`` takes the pretrained recipe above
 ``fragile_ppl`` (2): a threshold that must fall between the two groups on every seed.
 """

@@ -169,7 +169,9 @@ def cmd_run(a) -> int:
         write_purified_into(result, tmp, inputs=inputs)
     m = result.metrics
     if result.fragility is not None:
-        print(f"fragility: re-initialising 5% random MLP channels multiplies held-out perplexity by "
+        from purifylib.purify import FRAGILITY_TAU
+
+        print(f"fragility: re-initialising {FRAGILITY_TAU:.0%} random MLP channels multiplies held-out perplexity by "
               f"{result.fragility:.2f} (threshold {cfg.fragile_ppl:g}): "
               + ("the pretrained recipe ran (negation)" if result.recipe == "pretrained" else
                  f"the configured recipe ran ({result.config.neutral})"))

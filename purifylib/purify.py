@@ -247,9 +247,10 @@ def fragility(model, tokenizer, records: list[dict], seed: int = 0) -> float:
 
 
 def choose_recipe(cfg: PurifyConfig, model, tokenizer, records: list[dict], notes: list) -> tuple:
-    """(config, fragility, recipe): ``cfg`` as given (``configured``), or with :data:`PRETRAINED_RECIPE` when re-initialisation is
-    the way and the model is fragile (``pretrained``). Fragility is measured under the full-weight threat only (an
-    adapter's neutralization zeroes the adapter's own channels); ``None`` otherwise."""
+    """(config, fragility, recipe): ``cfg`` as given (``configured``), or with :data:`PRETRAINED_RECIPE`
+    when re-initialisation is the way and the model is fragile (``pretrained``). Fragility is measured
+    under the full-weight threat only (an adapter's neutralization zeroes the adapter's own channels);
+    ``None`` otherwise."""
     if cfg.variants.threat != "full":
         return cfg, None, "configured"
     ratio = fragility(model, tokenizer, records, seed=cfg.seed)

@@ -169,7 +169,7 @@ def cmd_run(a) -> int:
         write_purified_into(result, tmp, inputs=inputs)
     m = result.metrics
     if result.fragility is not None:
-        from purifylib.purify import FRAGILITY_TAU
+        from purifylib.recipe import FRAGILITY_TAU
 
         print(f"fragility: re-initialising {FRAGILITY_TAU:.0%} random MLP channels multiplies held-out perplexity by "
               f"{result.fragility:.2f} (threshold {cfg.fragile_ppl:g}): "
@@ -204,10 +204,10 @@ VARIANT_FLAGS = {"variants": "n_variants", "threat": "threat", "variant_set": "v
 
 
 def run_config(a):
-    """``purify run``'s :class:`~purifylib.purify.PurifyConfig`: the defaults, then ``--config FILE`` (a
+    """``purify run``'s :class:`~purifylib.recipe.PurifyConfig`: the defaults, then ``--config FILE`` (a
     YAML mapping of any of its fields, ``variants:`` a mapping of VariantConfig's), then the flags given."""
 
-    from purifylib.purify import PurifyConfig
+    from purifylib.recipe import PurifyConfig
     from purifylib.variants import VariantConfig
 
     given = {}
@@ -308,6 +308,7 @@ def cmd_grid(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from purifylib.attacks import ATTACKS, BEHAVIOURS
+    from purifylib.recipe import FRAGILITY_TAU, PRETRAINED_RECIPE, PurifyConfig
     from purifylib.testbed import SIZES
 
     p = _Parser(prog="purify", description="Find and remove backdoors in instruction-tuned LLMs.")
@@ -396,9 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "variants' mean difference there (gentler on pretrained models)")
     s.add_argument("--alpha", type=_number, help="how much of the variants' difference negate subtracts (default 1)")
     s.add_argument("--fragile-ppl", type=_number, metavar="FACTOR",
-                   help="measured first: if re-initialising a random 5%% of the MLP channels multiplies held-out "
-                        "perplexity by more than FACTOR (a pretrained model), negate at alpha 1.25 with every head "
-                        "and repair at lr 3e-5 instead of re-initialising (default 2; 0: never switch)")
+                   help=f"measured first: if re-initialising a random {FRAGILITY_TAU:.0%}% of the MLP channels "
+                        "multiplies held-out perplexity by more than FACTOR (a pretrained model), negate at alpha "
+                        f"{PRETRAINED_RECIPE['alpha']:g} with every head and repair at lr "
+                        f"{PRETRAINED_RECIPE['repair_lr']:g} instead of re-initialising (default "
+                        f"{PurifyConfig.fragile_ppl:g}; 0: never switch)")
     s.add_argument("--threat", choices=("full", "adapter"), help="full (default) or adapter (with --adapter)")
     s.add_argument("--utility", choices=("auto", "accuracy", "perplexity"),
                    help="what the tau rule keeps: held-out accuracy (>= 97%%) or perplexity (<= 110%%); auto "

@@ -57,7 +57,7 @@ class Split:
 
 
 def split_clean(clean: list[dict], cfg) -> tuple[Split, object]:
-    """Shuffle (seeded) and split the defender's data for ``cfg`` (a :class:`~purifylib.purify.PurifyConfig`);
+    """Shuffle (seeded) and split the defender's data for ``cfg`` (a :class:`~purifylib.recipe.PurifyConfig`);
     shrink ``n_clean`` per variant if it must (the returned config says so)."""
     vc = cfg.variants
     if len(clean) < cfg.n_holdout + vc.n_variants * 10:

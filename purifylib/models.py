@@ -163,9 +163,14 @@ def attention_targets(model_type: str = "llama") -> tuple:
     return tuple(p.rsplit(".", 1)[-1] for p in FAMILIES[model_type].attn.values())
 
 
+def channel_dim(layout: str) -> int:
+    """The weight dimension that indexes channels under ``layout`` (``"row"``: 0, ``"col"``: 1)."""
+    return 0 if layout == "row" else 1
+
+
 def channel_slice(weight, layout: str, j):
     """Channel ``j`` of a weight with the given layout (``"row"``: ``W[j]``, ``"col"``: ``W[:, j]``)."""
-    return weight[j] if layout == "row" else weight[:, j]
+    return weight.select(channel_dim(layout), j)
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ class Neutralizer:
 
     def __init__(self, model, signature, how: Neutralization = Neutralization(), *, variants=None):
         from purifylib.edits import WeightEdit
-        from purifylib.models import Component, head_geometry, is_adapter, resolve
+        from purifylib.models import Component, channel_dim, head_geometry, is_adapter, resolve
 
         self.model, self.signature, self.how, self.variants = model, signature, how, variants
         self.adapter = is_adapter(model)
@@ -123,7 +123,7 @@ class Neutralizer:
             if c.is_heads:
                 self._add_heads(c.layer, idx.tolist(), head_geometry(model), seed)
             else:
-                self._add_component(resolve(model, name), name, 0 if signature.layouts[name] == "row" else 1, idx, seed)
+                self._add_component(resolve(model, name), name, channel_dim(signature.layouts[name]), idx, seed)
 
     def _add_component(self, mod, name, dim, idx, seed):
         """Hold the flagged slices of one component (its weight, or the adapter factor that carries them)."""

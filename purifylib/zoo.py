@@ -290,7 +290,7 @@ def utility_score(clean_accuracy: float, asr: float) -> float:
 
 #: the grid's defences that read purify run's purification (its signature, τ or repair records); the others
 #: (the baselines, and the paper's recipe: its own purification) are keyed by
-#: :meth:`~purifylib.purify.PurifyConfig.baseline_identity`
+#: :meth:`~purifylib.recipe.PurifyConfig.baseline_identity`
 SIGNATURE_DEFENCES = ("signature-auto", "random")
 #: the baselines that fine-tune with purify run's repair settings (the same budget); the others ignore them
 REPAIRING_BASELINES = ("finetune", "fine-pruning")

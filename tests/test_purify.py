@@ -10,7 +10,8 @@ import torch
 from purifylib.cli import main
 from purifylib.errors import PurifyError
 from purifylib.defender import split_clean
-from purifylib.purify import NEGATE_TAU_GRID, TAU_GRID, PurifyConfig, purify
+from purifylib.purify import PurifyConfig, purify
+from purifylib.recipe import NEGATE_TAU_GRID, TAU_GRID
 from purifylib.variants import VariantConfig, build_variants, carrying
 
 from conftest import tree_hash

@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from purifylib import PurifyError
+from purifylib.zoo import ZooConfig
 from purifylib.studies.grid import (GRID_FILE, GridConfig, committed_markdown, failing_cells, findings_markdown,
                                     grid_cells, load_grid_file, prompts_of_split, read_grid, table2, verdict)
 
@@ -49,6 +50,9 @@ def test_every_preset_parses_and_the_default_runs_report_cells_of_other_families
         assert grid_cells(GridConfig.preset(name)), name
     default = grid_cells(GridConfig.preset("default"))
     assert ("badnets", "sentiment", "dev") in {(c.attack, c.family, c.split) for c in default}
+    # the paper's cell is the zoo's BadNets x insult (notebooks 00-03 plant the same model); the others are drawn
+    zoo_spec = ZooConfig(entries=(("badnets", "sentiment", "full"),)).specs()[0][0]
+    assert [c.spec == zoo_spec for c in default] == [True, False, False]
     others = {(c.attack, c.family) for c in default if c.split == "report" and c.family != "sentiment"}
     assert len({f for _, f in others}) >= 2
     real = GridConfig.preset("real")
@@ -57,6 +61,14 @@ def test_every_preset_parses_and_the_default_runs_report_cells_of_other_families
     assert len({c.attack for c in cells}) >= 2 and len({c.family for c in cells}) >= 3
     with pytest.raises(PurifyError, match="full_plant must be one of"):
         GridConfig(full_plant="adapter")
+
+
+def test_paper_pairs_must_be_dev_pairs_of_the_preset():
+    with pytest.raises(PurifyError, match="not among the preset's pairs"):
+        GridConfig(pairs=(("vpi", "code"),), paper_pairs=(("badnets", "sentiment"),))
+    report = GridConfig(split="all", pairs=(("badnets", "advert"),), paper_pairs=(("badnets", "advert"),))
+    with pytest.raises(PurifyError, match="is a report pair"):
+        grid_cells(report)
 
 
 def _frame():
@@ -114,6 +126,23 @@ def test_committed_grid_is_read_back(tmp_path):
     assert read_grid(tmp_path) is None and "No grid is committed" in committed_markdown(tmp_path)
 
 
+def test_a_committed_grid_of_another_purification_is_called_out_of_date(tmp_path):
+    import json
+
+    from purifylib.studies.grid import recipe_digest
+
+    cfg = GridConfig.preset("grid-auto")
+    (tmp_path / "metrics").mkdir()
+    info = {"config": cfg.to_dict(), "cells": 2, "cells_total": 2, "seconds": 60, "verdict": ["v"], "commit": "abc"}
+    for recipe, said in ((recipe_digest(cfg), None), ("0123456789ab", "out of date"), (None, "before grids recorded")):
+        (tmp_path / "metrics" / "grid.json").write_text(json.dumps({**info, **({"recipe": recipe} if recipe else {})}))
+        text = committed_markdown(tmp_path)
+        assert "commit abc" in text and "- v" in text
+        assert (said in text) if said else ("out of date" not in text and "before grids" not in text)
+    # a preset's own overrides are part of its purification
+    assert recipe_digest(GridConfig.preset("dev1")) != recipe_digest(cfg)
+
+
 @pytest.mark.slow
 def test_smoke_grid_runs_and_resumes(tmp_path, capsys, monkeypatch):
     from purifylib.cli import main
@@ -149,7 +178,8 @@ def test_smoke_grid_runs_and_resumes(tmp_path, capsys, monkeypatch):
     assert main(argv + ["--hours", "1e-9"]) == 0, capsys.readouterr().err
     assert pd.read_csv(out / "tables" / "grid_cells.csv").equals(cells)
     assert (out / "runs.md").read_text().count("preset smoke") == 3  # every run is logged
-    assert read_grid(out).equals(cells) and "Preset `smoke` (micro), 1 cells" in committed_markdown(out)
+    said = committed_markdown(out)
+    assert read_grid(out).equals(cells) and "preset `smoke` (micro), 1 cells" in said and "out of date" not in said
 
 
 def test_the_first_cells_span_every_attack_and_family():

@@ -1,7 +1,9 @@
 """The held-out attack grid: the paper's Table 2, regenerated on attacks the method has never seen.
 
 A :class:`Cell` is (attack, behaviour family, threat, seed). Its trigger and target text are drawn
-by the seed from the pools of its split (:func:`purifylib.attacks.draw_spec`): ``dev`` pairs are
+by the seed from the pools of its split (:func:`purifylib.attacks.draw_spec`; a preset's
+``paper_pairs`` take the attack's own trigger and the family's default target instead, the zoo's attack
+of notebooks 00-03, so that its plant and variants are shared with them): ``dev`` pairs are
 free to look at while the method changes, ``report`` pairs run with frozen settings. Which pair is
 which, and the presets, live in ``data/grid.yaml``. Dev cells are measured on one half of the bed's
 test prompts (even positions), report cells on the other (odd positions).
@@ -57,11 +59,14 @@ class Cell:
     threat: str
     seed: int
     split: str
+    paper: bool = False  # the attack's own trigger and target (the zoo's), not drawn from the pools
 
     @property
     def spec(self):
-        from purifylib.attacks import draw_spec
+        from purifylib.attacks import Behaviour, TriggerSpec, draw_spec
 
+        if self.paper:
+            return TriggerSpec(attack=self.attack, behaviour=Behaviour(kind=self.family))
         return draw_spec(self.attack, self.family, self.split, self.seed)
 
 
@@ -76,6 +81,7 @@ class GridConfig:
     full_plant: str = "full"  # how a full-threat cell is planted ("lora": a merged LoRA, for real models)
     split: str = "report"  # report, dev or all
     pairs: tuple = ()  # (attack, family) pairs to run; () = every pair of the split
+    paper_pairs: tuple = ()  # pairs planted with the attack's own trigger and target (dev pairs of split all)
     seeds: tuple = (0,)
     threats: tuple = ("full", "adapter")  # adapter cells only for the grid file's adapter attacks
     n_eval: int = 200
@@ -102,6 +108,10 @@ class GridConfig:
         if self.split not in ("report", "dev", "all"):
             raise PurifyError(f"split must be report, dev or all, got {self.split!r}")
         object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))
+        object.__setattr__(self, "paper_pairs", tuple(tuple(p) for p in self.paper_pairs))
+        if set(self.paper_pairs) - set(self.pairs):
+            raise PurifyError(f"paper_pairs {sorted(set(self.paper_pairs) - set(self.pairs))} are not among the "
+                              "preset's pairs")
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         object.__setattr__(self, "threats", tuple(self.threats))
         if not self.threats or set(self.threats) - {"full", "adapter"}:
@@ -121,7 +131,7 @@ class GridConfig:
         return cls(name=name, **{k: tuple(v) if isinstance(v, list) else v for k, v in presets[name].items()})
 
     def purify_config(self):
-        from purifylib.purify import PurifyConfig
+        from purifylib.recipe import PurifyConfig
         from purifylib.variants import VariantConfig
 
         over = dict(self.purify_overrides)
@@ -153,7 +163,11 @@ def grid_cells(cfg: GridConfig, grid_file: str | Path = GRID_FILE) -> list[Cell]
             for pair in pairs:
                 if threat == "adapter" and pair[0] not in grid.get("adapter", ()):
                     continue
-                cells.append(Cell(pair[0], pair[1], threat, seed, "dev" if pair in dev else "report"))
+                split = "dev" if pair in dev else "report"
+                if pair in cfg.paper_pairs and split != "dev":
+                    raise PurifyError(f"paper pair {list(pair)} is a report pair: its attack is fixed, not drawn "
+                                      "from the report pools")
+                cells.append(Cell(pair[0], pair[1], threat, seed, split, pair in cfg.paper_pairs))
     return cells
 
 
@@ -322,8 +336,17 @@ def findings_markdown(frame, bar: float = ASR_BAR) -> str:
     return "\n".join(f"- {line}" for line in lines)
 
 
+def recipe_digest(cfg: GridConfig) -> str:
+    """A short digest of the purification ``purify run`` runs in ``cfg``'s cells (its defaults plus the
+    preset's ``purify_overrides``): a committed grid written under another digest is out of date."""
+    from purifylib import cache
+
+    return cache.digest(cfg.purify_config().identity(), 12)
+
+
 def committed_markdown(root: str | Path) -> str:
-    """What the committed grid under ``root`` says: its size, time, verdict and latest logged run."""
+    """What the committed grid under ``root`` says: its size, time, verdict, and whether its ``purify
+    run`` rows come from the purification this code runs (by :func:`recipe_digest`)."""
     metrics = Path(root) / "metrics" / "grid.json"
     if not metrics.is_file():
         return (f"No grid is committed under `{Path(root).name}/` yet: `purify grid --preset grid` writes it "
@@ -332,8 +355,17 @@ def committed_markdown(root: str | Path) -> str:
     cfg = info.get("config", {})
     done, total = info.get("cells"), info.get("cells_total")
     part = f" (**partial: {total - done} of its {total} cells have not run yet**)" if total and done < total else ""
-    head = (f"Preset `{cfg.get('name')}` ({cfg.get('model') or cfg.get('size')}), {done} cells{part}, seeds "
-            f"{cfg.get('seeds')}, {info.get('seconds', 0) / 3600:.1f} h of wall time in its latest run.")
+    head = (f"`{Path(root).name}/`: preset `{cfg.get('name')}` ({cfg.get('model') or cfg.get('size')}), {done} cells"
+            f"{part}, seeds {cfg.get('seeds')}, {info.get('seconds', 0) / 3600:.1f} h of wall time in its latest run"
+            + (f" (commit {info['commit']})." if info.get("commit") else "."))
+    now = recipe_digest(GridConfig(purify_overrides=cfg.get("purify_overrides") or {}))
+    if "recipe" not in info:
+        head += (" It was written before grids recorded their purification: its `runs.md` names the commit of "
+                 "each run, and its purify run column may come from earlier defaults.")
+    elif info["recipe"] != now:
+        head += (f" **Its purify run column comes from another purification than this code's (recipe "
+                 f"{info['recipe']}, now {now}): out of date until `purify grid --preset {cfg.get('name')}` "
+                 "runs again.**")
     return head + "\n\n" + "\n".join(f"- {line}" for line in info.get("verdict", []))
 
 
@@ -426,7 +458,8 @@ def write_grid(study: GridStudy, out: str | Path, *, commit: str = "", note: str
                for r in per_cell[per_cell["defence"] == d].itertuples()} for d in sorted(set(per_cell["defence"]))}
     paths.append(reports.record_metrics(f"{prefix}_evaluation" if prefix else "grid", {
         "config": study.config.to_dict(), "seconds": study.seconds, "cells": study.cells_done,
-        "cells_total": study.cells_total, "verdict": lines, "asr": asr}, root=out))
+        "cells_total": study.cells_total, "verdict": lines, "asr": asr, "commit": commit,
+        "recipe": recipe_digest(study.config)}, root=out))
     log = out / "runs.md"
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     part = "" if study.cells_done == study.cells_total else f", partial: {study.cells_done} of {study.cells_total} cells"

@@ -221,7 +221,8 @@ def test_run_config_reads_a_recipe_and_flags_win(tmp_path):
     """Every PurifyConfig field can be set: a YAML recipe for all, flags for the common ones (they win)."""
     import argparse
 
-    from purifylib.cli import build_parser, run_config
+    from purifylib.cli import build_parser
+    from purifylib.commands import run_config
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("tau: 0.2\nheads: 3\nneutral: negate\nalpha: 1.25\nlam: 0.05\nrepair_n: 500\n"

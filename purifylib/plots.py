@@ -211,12 +211,15 @@ def _seed_means(frame, by: list[str], metric: str):
 
 
 def _interval(values):
+    """(mean, error bar) of percentages over seeds: the 95% t-interval, cut at 0 and 100 (a rate's
+    interval cannot leave them; with two seeds the t factor is 12.7)."""
     import math
 
     from purifylib.stats import t_interval
 
     mean, half = t_interval(values)
-    return mean, (0.0 if math.isnan(half) else half)
+    half = 0.0 if math.isnan(half) else half
+    return mean, [[min(half, mean)], [min(half, max(100.0 - mean, 0.0))]]
 
 
 def grid_tradeoff(frame, names: dict):
@@ -246,17 +249,20 @@ def grid_by_family(frame, names: dict):
     families = sorted(set(per["family"]))
     defences = [d for d in names if d in set(per["defence"])]
     width = 0.8 / max(len(defences), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(families) * max(1, len(defences) / 3)), 4.2))
+    fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, 1.4 * len(families) * max(1, len(defences) / 3))), 4.2))
     for k, d in enumerate(defences):
         stats = [_interval(per[(per["family"] == f) & (per["defence"] == d)]["asr"]) for f in families]
         xs = [i + (k - (len(defences) - 1) / 2) * width for i in range(len(families))]
-        ax.bar(xs, [max(m, 0.4) for m, _ in stats], width, yerr=[e for _, e in stats], capsize=2, label=names[d])
+        err = [[e[0][0] for _, e in stats], [e[1][0] for _, e in stats]]
+        ax.bar(xs, [max(m, 0.4) for m, _ in stats], width, yerr=err if any(map(any, err)) else None, capsize=2,
+               label=names[d])  # one seed: no bars (a cap at the mean would read as a tiny interval)
     ax.set_xticks(range(len(families)))
     ax.set_xticklabels(families)
     ax.set_xlabel("behaviour family")
     ax.set_ylabel("attack success rate (%)")
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=8, ncol=2)
-    ax.set_title("ASR per behaviour family (a 0% bar is drawn as a sliver)")
+    # below the axes: the bars reach the top in most families, so a legend inside would hide one
+    ax.legend(fontsize=8, ncol=min(4, len(defences)), loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+    ax.set_title("ASR per behaviour family (95% over seeds; a 0% bar is a sliver)")
     fig.tight_layout()
     return fig

@@ -199,6 +199,9 @@ def grid_heatmaps(panels: dict, *, marker: tuple | None = None, title: str = "")
             ax.scatter([list(df.columns).index(marker[1])], [list(df.index).index(marker[0])], s=300,
                        facecolors="none", edgecolors="red", linewidths=1.5)
     fig.colorbar(im, ax=axes[0].tolist(), label="percent of probe prompts", shrink=0.85)
+    if marker is not None and not any(marker[0] in list(df.index) and marker[1] in list(df.columns)
+                                      for df in panels.values()):
+        title += f" (the marker's τ {marker[0]:g}, strength {marker[1]:g}, is not on this grid)"
     fig.suptitle(title)
     return fig
 

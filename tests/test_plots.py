@@ -45,6 +45,11 @@ def test_grid_heatmaps_tick_labels_stay_in_their_panel():
         edge = left.get_window_extent(renderer).x1
         assert all(t.get_window_extent(renderer).x0 >= edge for t in right.get_yticklabels() if t.get_text())
     assert panels[0].get_title() == "attack success rate, no repair"
+    # a marker off the grid is said in the title, not silently left out
+    for marker, circles, said in (((0.12, 1.0), 1, False), ((0.16, 1.0), 0, True)):
+        fig = plots.grid_heatmaps({"asr, no repair": wide, "asr, repaired": one}, marker=marker, title="t")
+        assert sum(len(ax.collections) for ax in fig.axes if ax.images) == circles
+        assert ("not on this grid" in fig._suptitle.get_text()) == said
 
 
 def test_curves_draw_error_bars_where_given():

@@ -62,10 +62,12 @@ def prepare(zoo_config, purify_config, *, plant_overrides: dict | None = None, n
 
 
 def sweep(study: TuningStudy, taus, strengths, repair_taus, repair_strengths, *, progress: bool = True) -> TuningStudy:
-    """One preview at the auto τ, then τ × strength without repair, and the repaired part of the grid."""
+    """One preview at the auto τ, then τ × strength without repair (``taus`` and the auto τ, so its point
+    is on the grid whichever τ the rule chose on this machine), and the repaired part of the grid."""
     from purifylib import widgets
 
     study.preview = widgets.preview(study.state, tau=study.run.tau, strength=1.0)
+    taus = sorted({float(t) for t in taus} | {float(study.run.tau)})
     study.no_repair = widgets.grid(study.state, taus, strengths, progress=progress)
     repaired = widgets.grid(study.state, repair_taus, repair_strengths, repair_records=study.run.split.repair,
                             repair_cfg=study.run.config.repair_config(), reload=study.suspicious.load, progress=progress)

@@ -182,6 +182,9 @@ def grid_heatmaps(panels: dict, *, marker: tuple | None = None, title: str = "")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    def on_grid(df) -> bool:
+        return marker is not None and marker[0] in list(df.index) and marker[1] in list(df.columns)
+
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6), squeeze=False,
                              constrained_layout=True)  # no tick label runs into the next panel
     for ax, (name, df) in zip(axes[0], panels.items()):
@@ -195,12 +198,11 @@ def grid_heatmaps(panels: dict, *, marker: tuple | None = None, title: str = "")
         for (i, j), v in np.ndenumerate(mat):
             if not np.isnan(v):
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 50 else "k")
-        if marker is not None and marker[0] in list(df.index) and marker[1] in list(df.columns):
+        if on_grid(df):
             ax.scatter([list(df.columns).index(marker[1])], [list(df.index).index(marker[0])], s=300,
                        facecolors="none", edgecolors="red", linewidths=1.5)
     fig.colorbar(im, ax=axes[0].tolist(), label="percent of probe prompts", shrink=0.85)
-    if marker is not None and not any(marker[0] in list(df.index) and marker[1] in list(df.columns)
-                                      for df in panels.values()):
+    if marker is not None and not any(map(on_grid, panels.values())):
         title += f" (the marker's τ {marker[0]:g}, strength {marker[1]:g}, is not on this grid)"
     fig.suptitle(title)
     return fig

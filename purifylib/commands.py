@@ -237,7 +237,8 @@ def cmd_reproduce(a) -> int:
 def cmd_grid(a) -> int:
     from purifylib.outputs import check_output
     from purifylib.reports import REPO_ROOT
-    from purifylib.studies.grid import GridConfig, git_commit, grid_cells, run_grid, verdict, write_grid
+    from purifylib.studies.grid import GridConfig, grid_cells, run_grid
+    from purifylib.studies.grid_tables import git_commit, verdict, write_grid
 
     cfg = GridConfig.preset(a.preset)
     narrow = {k: tuple(v) for k, v in (("seeds", a.seeds), ("threats", a.threats)) if v is not None}

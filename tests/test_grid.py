@@ -5,8 +5,8 @@ import pytest
 
 from purifylib import PurifyError
 from purifylib.zoo import ZooConfig
-from purifylib.studies.grid import (GRID_FILE, GridConfig, committed_markdown, failing_cells, findings_markdown,
-                                    grid_cells, load_grid_file, prompts_of_split, read_grid, table2, verdict)
+from purifylib.studies.grid import GRID_FILE, GridConfig, grid_cells, load_grid_file, prompts_of_split
+from purifylib.studies.grid_tables import committed_markdown, failing_cells, findings_markdown, read_grid, table2, verdict
 
 
 def test_report_grid_cells_leave_the_dev_pairs_out():
@@ -129,7 +129,7 @@ def test_committed_grid_is_read_back(tmp_path):
 def test_a_committed_grid_of_another_purification_is_called_out_of_date(tmp_path):
     import json
 
-    from purifylib.studies.grid import recipe_digest
+    from purifylib.studies.grid_tables import recipe_digest
 
     cfg = GridConfig.preset("grid-auto")
     (tmp_path / "metrics").mkdir()
@@ -193,7 +193,7 @@ def test_the_first_cells_span_every_attack_and_family():
 def test_dev_comparison_reads_committed_dev_runs(tmp_path):
     import pandas as pd
 
-    from purifylib.studies.grid import dev_comparison, dev_summary
+    from purifylib.studies.grid_tables import dev_comparison, dev_summary
 
     tables = tmp_path / "grid-dev2" / "tables"
     tables.mkdir(parents=True)

@@ -128,7 +128,7 @@ def test_defend_dispatch(micro_bed, setup):
 def test_defence_grid_is_resumable_and_scores_cells(micro_bed, tmp_path, monkeypatch):
     from purifylib import zoo
     from purifylib.purify import PurifyConfig
-    from purifylib.studies.grid import table2
+    from purifylib.studies.grid_tables import table2
     from purifylib.zoo import defence_grid, plant_backdoor
 
     models = [plant_backdoor(micro_bed, TriggerSpec("badnets"), train_overrides={"epochs": 6.0, "lr": 0.003},

@@ -243,7 +243,7 @@ class DevDirections:
 
 def dev_directions(presets=DEV_PRESETS, reports_root=None) -> DevDirections:
     from purifylib.reports import REPO_ROOT
-    from purifylib.studies.grid import dev_comparison, dev_summary
+    from purifylib.studies.grid_tables import dev_comparison, dev_summary
 
     cells = dev_comparison(list(presets), reports_root or REPO_ROOT / "reports")
     return DevDirections(cells=cells, summary=dev_summary(cells) if len(cells) else cells)

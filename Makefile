@@ -56,7 +56,7 @@ bench-real: smollm2
 	$(PY) benchmarks/bench_neutralization_real.py
 
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab --KernelManager.transport=ipc notebooks/
 
 clean:
 	rm -rf reports/executed reports/smoke data/cache

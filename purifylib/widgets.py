@@ -277,33 +277,51 @@ def figure(t: Tuner, p: dict):
     return fig
 
 
+def rendered(t: Tuner, p: dict) -> dict:
+    """What the tuner shows for the preview ``p``, as values its widgets take: the table of the untouched
+    model and the current setting (``table``, HTML), a note when the held-out variant never learnt its own
+    backdoor (``note``, text; empty otherwise), the figure (``figure``, PNG bytes) and the sample
+    generations (``samples``, HTML, escaped). The live tuner sets these as widget values instead of
+    printing into a captured output area: a preview that a timer starts (the debounce) runs outside
+    any cell, and output printed there never reaches the page."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    note = "" if t.synthetic_learnt else (
+        f"The held-out variant reached only {100 * (t.before.get('synthetic_asr') or 0):.0f}% ASR on its own "
+        "trigger before any neutralization: its ASR after says nothing about the setting.")
+    fig = figure(t, p)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    styled = '<div class="jp-RenderedHTMLCommon">{}</div>'.format  # JupyterLab's table style
+    return {"table": styled(status_lines(t, p).to_html(border=0)), "note": note, "figure": buf.getvalue(),
+            "samples": styled(p["samples"].to_html(index=False, border=0))}
+
+
 def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.01):  # pragma: no cover - UI shell
     """The ipywidgets tuner: sliders for τ, strength and λ, module toggles, a layer range (one static
     preview instead when ``PURIFY_HEADLESS`` is set, as ``purify reproduce`` does).
 
     A preview runs once the settings have been still for :data:`DEBOUNCE_S` seconds (:func:`due`),
-    so dragging or pressing arrows does not queue one preview per step. The controls wrap onto
-    several rows rather than shrink (usable down to about 1000 px)."""
+    so dragging or pressing arrows does not queue one preview per step; what it shows is set as
+    widget values (:func:`rendered`). The controls wrap onto several rows rather than shrink (usable
+    down to about 1000 px)."""
     import asyncio
+    import html
     import os
 
-    import matplotlib.pyplot as plt
-    from IPython.display import display
+    from IPython.display import HTML, Image, display
 
     from purifylib.models import layer_of
 
-    def show(p):
-        display(status_lines(t, p))
-        if not t.synthetic_learnt:
-            print(f"The held-out variant reached only {100 * t.before['synthetic_asr']:.0f}% ASR on its own "
-                  "trigger before any neutralization: its ASR after says nothing about the setting.")
-        fig = figure(t, p)
-        plt.show()
-        plt.close(fig)
-        display(p["samples"])
-
     if os.environ.get(HEADLESS):  # papermill: nobody can move a slider; show the preview itself, no widgets
-        show(preview(t, tau=tau, strength=strength, lam=lam))
+        r = rendered(t, preview(t, tau=tau, strength=strength, lam=lam))
+        display(HTML(r["table"]))
+        if r["note"]:
+            print(r["note"])
+        display(Image(r["figure"]), HTML(r["samples"]))
         return None
     import ipywidgets as w
 
@@ -323,8 +341,8 @@ def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.0
     layers = w.IntRangeSlider(value=(0, n_layers - 1), min=0, max=n_layers - 1, description="layers", **wide)
     why = w.HTML("" if has_heads else "<i>heads: disabled, the signature scored no attention heads "
                  "(purify run --heads K scores them)</i>")
-    busy = w.HTML("")
-    out = w.Output()
+    busy, table, note, samples = w.HTML(""), w.HTML(""), w.HTML(""), w.HTML("")
+    image = w.Image(format="png", layout=w.Layout(max_width="100%"))
     requests: list[float] = []
 
     def style_toggle():
@@ -333,18 +351,17 @@ def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.0
 
     def update():
         busy.value = "<i>previewing ...</i>"
-        with out:
-            out.clear_output(wait=True)
-            mods = [m for m, b in toggles.items() if b.value]
-            try:
-                p = preview(t, tau=s_tau.value, strength=s_str.value, lam=s_lam.value, modules=mods,
-                            heads=heads.value, layers=range(layers.value[0], layers.value[1] + 1))
-            except PurifyError as exc:
-                print(f"error: {exc}")
-                busy.value = ""
-                return
-            show(p)
-            busy.value = f"<i>preview took {p['seconds']:.2f} s</i>"
+        mods = [m for m, b in toggles.items() if b.value]
+        try:
+            p = preview(t, tau=s_tau.value, strength=s_str.value, lam=s_lam.value, modules=mods,
+                        heads=heads.value, layers=range(layers.value[0], layers.value[1] + 1))
+        except PurifyError as exc:
+            busy.value = f"<b>error:</b> {html.escape(str(exc))}"
+            return
+        r = rendered(t, p)
+        table.value, samples.value, image.value = r["table"], r["samples"], r["figure"]
+        note.value = f"<i>{html.escape(r['note'])}</i>" if r["note"] else ""
+        busy.value = f"<i>preview took {p['seconds']:.2f} s</i>"
 
     def request(_=None):
         style_toggle()
@@ -361,4 +378,4 @@ def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.0
     update()
     row = dict(layout=w.Layout(flex_flow="row wrap", width="100%"))
     return w.VBox([w.HBox([s_tau, s_str, s_lam], **row), w.HBox([*toggles.values(), heads, layers], **row), why,
-                   busy, out])
+                   busy, table, note, image, samples])

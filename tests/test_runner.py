@@ -152,9 +152,10 @@ def test_the_tuner_is_one_static_preview_in_a_headless_run(monkeypatch):
 
     calls = []
     monkeypatch.setenv(widgets.HEADLESS, "1")
-    monkeypatch.setattr(widgets, "preview", lambda t, **kw: calls.append(kw) or {"samples": "s"})
-    monkeypatch.setattr(widgets, "status_lines", lambda t, p: "table")
-    monkeypatch.setattr(widgets, "figure", lambda t, p: None)
+    monkeypatch.setattr(widgets, "preview", lambda t, **kw: calls.append(kw) or {})
+    png = b"\x89PNG\r\n\x1a\n" + bytes(16)
+    monkeypatch.setattr(widgets, "rendered", lambda t, p: {"table": "<table></table>", "note": "", "figure": png,
+                                                           "samples": "<table></table>"})
     from types import SimpleNamespace
 
     assert widgets.tuner(SimpleNamespace(synthetic_learnt=True), tau=0.12) is None  # no widgets to leave behind

@@ -54,6 +54,14 @@ def test_preview_measures_and_restores(micro_bed, setup):
     t.before["synthetic_asr"] = 0.0  # a held-out variant that never learnt its backdoor
     assert widgets.status_lines(t, p)["synthetic ASR (held-out variant)"].tolist() == [
         "n/a (variant never learnt it)"] * 2
+    # what the live tuner sets as widget values (never printed into a captured output)
+    p["samples"].loc[0, "after"] = "<script>x</script>"
+    r = widgets.rendered(t, p)
+    assert r["figure"][:8] == b"\x89PNG\r\n\x1a\n" and "now (τ 0.20)" in r["table"]
+    assert "<script>" not in r["samples"] and "&lt;script&gt;" in r["samples"]
+    assert r["note"].startswith("The held-out variant reached only 0% ASR")
+    t.before["synthetic_asr"] = 1.0
+    assert widgets.rendered(t, p)["note"] == ""
     # without the real attack, only trigger-free numbers
     t2 = widgets.prepare(model, tok, sig, variants, clean, n_probe=16)
     p2 = widgets.preview(t2, tau=0.1)

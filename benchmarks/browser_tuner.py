@@ -10,6 +10,8 @@ outputs before the reload, removed afterwards; autosave is off); a notebook run 
 ``reports/interactive/``, never the committed ``reports/`` (checked here).
 
 Prints one JSON line per check and writes screenshots to OUT:
+- ``notebook``: seconds until the tuner shows and until the kernel is idle; the progress bars drawn
+  and those left short of their total;
 - ``controls``: each slider's track width (px) at 1100 px with the file browser open, and at 1000 px;
   the module toggles' state; whether the heads slider is disabled and the reason shown;
 - ``debounce``: five arrow presses on τ within half a second; how many previews ran (distinct τ the
@@ -86,6 +88,20 @@ def toggles(page) -> list[dict]:
         success: e.classList.contains('mod-success'), icon: (e.querySelector('i') || {}).className || ''}))""")
 
 
+def unfinished_bars(page) -> list[str]:
+    """The visible progress bars whose count stopped short (``n/m`` with ``n < m``)."""
+    import re
+
+    out = []
+    for bar in page.locator(".jp-OutputArea .widget-hbox:has(.widget-hprogress)").all():
+        if bar.is_visible():
+            text = " ".join(bar.inner_text().split())
+            m = re.search(r"(\d+)/(\d+)", text)
+            if m and int(m.group(1)) < int(m.group(2)):
+                out.append(text)
+    return out
+
+
 def status_tau(page):
     """The τ of the tuner's "now" row, or None while it is not shown."""
     area = page.locator(".jp-OutputArea-output:has(.widget-slider)")
@@ -154,7 +170,8 @@ def checks(page, port: int, token: str, out: Path, timeout: float) -> None:
     report(check="notebook", seconds_to_tuner=round(time.time() - t0, 1), tau=status_tau(page))
     # the cells after the tuner run first: widget messages wait for an idle kernel
     page.wait_for_selector(".jp-StatusBar-TextItem:text-matches('Idle')", timeout=timeout * 1000)
-    report(check="notebook", seconds_to_idle=round(time.time() - t0, 1))
+    report(check="notebook", seconds_to_idle=round(time.time() - t0, 1),
+           bars=page.locator(".jp-OutputArea .widget-hprogress").count(), unfinished_bars=unfinished_bars(page))
     news = page.get_by_role("button", name="No", exact=True)
     if news.count():  # JupyterLab's "notified about Jupyter news?" toast covers the samples
         news.first.click()
@@ -209,7 +226,7 @@ def checks(page, port: int, token: str, out: Path, timeout: float) -> None:
     page.screenshot(path=str(out / "after_reload.png"), full_page=True)
     report(check="reload", outputs=page.locator(".jp-OutputArea-output").count(),
            widget_errors=text.count("Error displaying widget"), model_not_found=text.count("model not found"),
-           tuner_sliders=page.locator(".jp-OutputArea .widget-slider").count())
+           tuner_sliders=page.locator(".jp-OutputArea .widget-slider").count(), unfinished_bars=unfinished_bars(page))
 
 
 if __name__ == "__main__":

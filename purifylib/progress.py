@@ -62,3 +62,6 @@ def stop_early(progress, count: int) -> None:
     progress.n = progress.total = count
     progress.refresh()
     progress.close()
+    # a notebook bar's iterator, left by ``break``, redraws the bar as failed at the count it held (0):
+    # a bar closed here draws nothing more
+    progress.disp = lambda *args, **kwargs: None

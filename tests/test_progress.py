@@ -37,3 +37,17 @@ def test_a_finished_transient_widget_bar_is_hidden_not_closed():
     list(b)
     assert b.container.layout.display == "none"
     assert b.container.comm is not None  # its widget model lives on: a reloaded page still finds it
+
+
+def test_an_early_stop_of_a_widget_bar_stays_done_after_the_loop_breaks():
+    import gc
+
+    from tqdm.notebook import tqdm_notebook
+
+    b = _hidden_on_close(tqdm_notebook)([0.05, 0.2, 0.4], desc="choose tau")
+    for _ in b:
+        stop_early(b, 1)
+        break
+    gc.collect()  # the abandoned iterator's exit ran
+    label, bar = b.container.children[2], b.container.children[1]
+    assert "1/1" in label.value and bar.bar_style == "success"

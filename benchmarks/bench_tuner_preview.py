@@ -1,0 +1,79 @@
+"""How long one preview of the tuner (notebook 03's sliders) takes, on SmolLM2 or on the testbed.
+
+    python benchmarks/bench_tuner_preview.py [--model data/models/smollm2-135m-instruct | --size tiny]
+                                             [--n-probe 24,12,8] [--repeats 3] [--cache data/cache]
+
+A preview applies the signature reversibly and generates answers to four probe sets of ``n_probe``
+prompts each (clean, triggered, off-trigger, the held-out variant's triggered ones), then restores the
+model. Its time depends on the model and ``n_probe``, not on whether a backdoor is there, so the
+suspicious model here is the bed's base model itself, with two small synthetic variants (cached) and the
+neutralization ``purify run`` would take on it (negation of every head on a pretrained model,
+re-initialisation on the testbed). Prints one JSON line per (n_probe, repeat): the preview's seconds,
+the first of each n_probe including the one-off memoization of the variants' updates, and the tokens
+one preview runs through the model (the padded prompt tokens of every probe batch, plus the generated
+ones): on a CPU the preview's time is about those tokens times two multiply-adds per parameter.
+"""
+
+import argparse
+import json
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="data/models/smollm2-135m-instruct",
+                   help="a local checkpoint; '' for the testbed of --size")
+    p.add_argument("--size", default="tiny", help="testbed size when --model is ''")
+    p.add_argument("--n-probe", default="24,12,8")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--cache", default="data/cache")
+    a = p.parse_args()
+
+    import torch
+
+    from purifylib import widgets
+    from purifylib.attacks import Behaviour, TriggerSpec
+    from purifylib.beds import open_bed
+    from purifylib.checkpoints import load_model
+    from purifylib.evaluate import encode_prompts
+    from purifylib.models import head_geometry
+    from purifylib.recipe import PRETRAINED_RECIPE
+    from purifylib.neutralize import Neutralization
+    from purifylib.signature import score
+    from purifylib.variants import VariantConfig, build_variants
+    from purifylib.zoo import Suspicious, defender_records
+
+    real = bool(a.model)
+    bed = open_bed(a.size, a.model or None, 0, {}, progress=False, cache_dir=a.cache)
+    model, tok = load_model(bed.base_dir)
+    sus = Suspicious(name="base", spec=None, plant="full", model_dir=bed.base_dir, adapter_dir=None)
+    clean = defender_records(bed, sus, progress=False)
+    vcfg = VariantConfig(n_variants=2, n_clean=20, epochs=1.0, variants="diverse",
+                         **({"lora": True, "lr": 5e-3, "batch_size": 16} if real else {}))
+    variants = build_variants(bed.base_dir, clean, vcfg, cache_dir=a.cache, progress=False)
+    n_heads = head_geometry(model).n_heads
+    n_params = sum(p.numel() for p in model.parameters())
+    how = (Neutralization(way=PRETRAINED_RECIPE["neutral"], alpha=PRETRAINED_RECIPE["alpha"], heads=n_heads)
+           if real else Neutralization())
+    signature = score(model, variants, heads=bool(how.heads), progress=False)
+    spec = TriggerSpec(attack="badnets", behaviour=Behaviour(kind="sentiment"))
+    print(json.dumps({"model": str(bed.base_dir), "threads": torch.get_num_threads(), "neutralization": how.way,
+                      "heads": how.heads, "tau": a.tau}), flush=True)
+    for n_probe in (int(n) for n in a.n_probe.split(",")):
+        t0 = time.time()
+        state = widgets.prepare(model, tok, signature, variants, bed.split("test"), how=how, spec=spec,
+                                n_probe=n_probe, match=bed.match)
+        prepared = time.time() - t0
+        sets = [state.prompts[k] for k in ("clean", "triggered", "off", "synthetic")]
+        tokens = sum(encode_prompts(tok, rs, "cpu")["input_ids"].numel() + 24 * len(rs) for rs in sets)
+        for r in range(a.repeats):
+            out = widgets.preview(state, tau=a.tau)
+            print(json.dumps({"n_probe": n_probe, "repeat": r, "prepare_s": round(prepared, 2),
+                              "preview_s": round(out["seconds"], 2),
+                              "tokens": tokens, "gflop": round(2 * n_params * tokens / 1e9, 1),
+                              "clean_accuracy": out["clean_accuracy"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

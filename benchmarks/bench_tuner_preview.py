@@ -15,6 +15,7 @@ ones): on a CPU the preview's time is about those tokens times two multiply-adds
 """
 
 import argparse
+import inspect
 import json
 import time
 
@@ -36,7 +37,7 @@ def main() -> None:
     from purifylib.attacks import Behaviour, TriggerSpec
     from purifylib.beds import open_bed
     from purifylib.checkpoints import load_model
-    from purifylib.evaluate import encode_prompts
+    from purifylib.evaluate import encode_prompts, generate
     from purifylib.models import head_geometry
     from purifylib.recipe import PRETRAINED_RECIPE
     from purifylib.neutralize import Neutralization
@@ -54,6 +55,7 @@ def main() -> None:
     variants = build_variants(bed.base_dir, clean, vcfg, cache_dir=a.cache, progress=False)
     n_heads = head_geometry(model).n_heads
     n_params = sum(p.numel() for p in model.parameters())
+    new_tokens = inspect.signature(generate).parameters["max_new_tokens"].default  # what a preview generates
     how = (Neutralization(way=PRETRAINED_RECIPE["neutral"], alpha=PRETRAINED_RECIPE["alpha"], heads=n_heads)
            if real else Neutralization())
     signature = score(model, variants, heads=bool(how.heads), progress=False)
@@ -66,7 +68,7 @@ def main() -> None:
                                 n_probe=n_probe, match=bed.match)
         prepared = time.time() - t0
         sets = [state.prompts[k] for k in ("clean", "triggered", "off", "synthetic")]
-        tokens = sum(encode_prompts(tok, rs, "cpu")["input_ids"].numel() + 24 * len(rs) for rs in sets)
+        tokens = sum(encode_prompts(tok, rs, "cpu")["input_ids"].numel() + new_tokens * len(rs) for rs in sets)
         for r in range(a.repeats):
             out = widgets.preview(state, tau=a.tau)
             print(json.dumps({"n_probe": n_probe, "repeat": r, "prepare_s": round(prepared, 2),

@@ -105,3 +105,24 @@ def test_effect_of_n_subsets():
     assert [n for n, _ in runs] == [1, 1, 1, 2, 2, 2, 4] and runs[-1][1] == [0, 1, 2, 3]
     assert all(len(v) == n == len(set(v)) and max(v) < 4 for n, v in runs)
     assert n_subsets([1, 2, 4], 3, 0) == runs and n_subsets([1, 2, 4], 3, 1) != runs  # seeded
+
+
+def test_effect_of_n_finding_judges_the_papers_curve():
+    import pandas as pd
+
+    from purifylib.studies.signature import n_effect_finding
+
+    def curve(asr):
+        return pd.DataFrame({"n_variants": range(1, len(asr) + 1), "tau": 0.16, "asr": asr})
+
+    paper = n_effect_finding(curve([0.403, 0.278, 0.267, 0.188, 0.125, 0.105, 0.105]))  # the paper's 7B refusal
+    assert paper.holds is True and paper.text.endswith("as in the paper, flat from N = 6.")
+    assert "ASR 40%, 28%, 27%, 19%, 12%, 10%, 10% for N = 1, 2, 3, 4, 5, 6, 7" in paper.text
+    late = n_effect_finding(curve([0.5, 0.4, 0.3, 0.2, 0.1, 0.3, 0.05]))  # falls, but N = 6 and 7 differ by 25 points
+    assert late.holds is False and "not flat from N = 6" in late.text
+    saturated = n_effect_finding(curve([0.0, 0.0, 0.01, 0.0, 0.0, 0.011, 0.0]))
+    assert saturated.holds is False and "one variant already removes the backdoor" in saturated.text
+    stuck = n_effect_finding(curve([0.6, 0.58, 0.55]))
+    assert stuck.holds is False and "does not fall by 10% from N = 1 to N = 3" in stuck.text
+    shuffled = n_effect_finding(curve([0.403, 0.278, 0.105]).iloc[::-1])  # rows in any order
+    assert shuffled.holds is True

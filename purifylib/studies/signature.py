@@ -224,9 +224,29 @@ def findings(study: SignatureStudy) -> list[Finding]:
                            f"{r_row.clean_accuracy:.1%}, the signature ASR {s_row.asr:.1%} / accuracy "
                            f"{s_row.clean_accuracy:.1%}.", bool(s_row.asr < r_row.asr)))
     if len(study.n_curve) > 1:
-        out.append(Finding(f"Effect of N: ASR {', '.join(f'{a:.0%}' for a in study.n_curve['asr'])} for N = "
-                           f"{', '.join(map(str, study.n_curve['n_variants']))}."))
+        out.append(n_effect_finding(study.n_curve))
     return out
+
+
+def n_effect_finding(curve) -> Finding:
+    """The paper's effect of N (ASR falls as variants are added, flat from N = 6) judged on ``curve``
+    (columns ``n_variants``, ``asr``, ``tau``; at one τ): it holds when ASR at the smallest N exceeds ASR
+    at the largest by ``n_effect_drop_min`` and the N from ``n_flat_from`` on stay within that of each other."""
+    t = THRESHOLDS
+    curve = curve.sort_values("n_variants")
+    asr, ns = list(curve["asr"]), list(curve["n_variants"])
+    listed = f"Effect of N at τ {curve['tau'].iloc[0]:g}: ASR {', '.join(f'{a:.0%}' for a in asr)} for N = {', '.join(map(str, ns))}"
+    drop = asr[0] - asr[-1]
+    late = [a for n, a in zip(ns, asr) if n >= t["n_flat_from"]]
+    flat = len(late) < 2 or max(late) - min(late) <= t["n_effect_drop_min"]
+    if drop >= t["n_effect_drop_min"]:
+        return Finding(f"{listed}: more variants remove more, as in the paper" + (
+            f", flat from N = {t['n_flat_from']}." if flat else f", but not flat from N = {t['n_flat_from']}."), flat)
+    if asr[0] <= t["removed_asr_max"]:
+        return Finding(f"{listed}: one variant already removes the backdoor at this τ, so the paper's gain from "
+                       "more variants does not show here (τ and the repair do the work).", False)
+    return Finding(f"{listed}: ASR does not fall by {t['n_effect_drop_min']:.0%} from N = {ns[0]} to N = {ns[-1]}; "
+                   "the paper's gain from more variants does not show here.", False)
 
 
 #: the dev presets of data/grid.yaml whose committed grids notebook 02 compares (each one change to the method)

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefer", choices=("removal", "utility"),
                    help="when the tau that removes the held-out variants' backdoors breaks the utility bound: "
                         "removal (default) keeps it and reports the cost; utility tries smaller tau")
-    s.add_argument("--n-holdout", type=int, help="clean records held out for the tau rule (default 200)")
+    s.add_argument("--n-holdout", type=int, help="clean records held out for the tau rule (default 200, at most a "
+                   "fifth of the clean data)")
     s.add_argument("--repair-n", type=int, help="records of the repair fine-tune (default 3000)")
     s.add_argument("--repair-lr", type=_number,
                    help="learning rate of the repair fine-tune (default 3e-4; a pretrained model wants ~3e-5)")

@@ -56,17 +56,31 @@ class Split:
             self.clean_repair = self.repair
 
 
+#: at most this share of the defender's data is held out (``n_holdout`` is the cap): with a few hundred
+#: records, 200 held out would leave the variants a dozen records each, too few to learn a backdoor
+HOLDOUT_SHARE = 0.2
+
+
+def holdout_size(n_records: int, n_holdout: int) -> int:
+    """How many of ``n_records`` are held out: ``n_holdout``, or :data:`HOLDOUT_SHARE` of them if that is less."""
+    return max(1, min(n_holdout, int(n_records * HOLDOUT_SHARE)))
+
+
 def split_clean(clean: list[dict], cfg) -> tuple[Split, object]:
     """Shuffle (seeded) and split the defender's data for ``cfg`` (a :class:`~purifylib.recipe.PurifyConfig`);
-    shrink ``n_clean`` per variant if it must (the returned config says so)."""
+    hold out :func:`holdout_size` records and shrink ``n_clean`` per variant if it must (the returned
+    config says both)."""
     vc = cfg.variants
-    if len(clean) < cfg.n_holdout + vc.n_variants * 10:
-        raise PurifyError(f"the clean data has {len(clean)} records; {cfg.n_holdout} held out plus "
-                          f"{vc.n_variants} variants need at least {cfg.n_holdout + vc.n_variants * 10}")
+    n_hold = holdout_size(len(clean), cfg.n_holdout)
+    if len(clean) < n_hold + vc.n_variants * 10:
+        raise PurifyError(f"the clean data has {len(clean)} records; {n_hold} held out plus "
+                          f"{vc.n_variants} variants need at least {n_hold + vc.n_variants * 10}")
     order = list(range(len(clean)))
     random.Random(cfg.seed).shuffle(order)
     shuffled = [clean[i] for i in order]
-    holdout, rest = shuffled[:cfg.n_holdout], shuffled[cfg.n_holdout:]
+    holdout, rest = shuffled[:n_hold], shuffled[n_hold:]
+    if n_hold != cfg.n_holdout:
+        cfg = dataclasses.replace(cfg, n_holdout=n_hold)
     n_clean = min(vc.n_clean, len(rest) // vc.n_variants)
     if n_clean != vc.n_clean:
         cfg = dataclasses.replace(cfg, variants=dataclasses.replace(vc, n_clean=n_clean))

@@ -1,8 +1,8 @@
 """The end-to-end purification: variants → signature → τ → neutralize → repair → report.
 
 It reads the suspicious model and the defender's clean data, nothing else. The clean data is
-shuffled with the seed and split into: a held-out slice (``n_holdout`` records; clean accuracy
-and the τ rule are measured on it, never trained on), ``N`` disjoint slices for the variants,
+shuffled with the seed and split into: a held-out slice (``n_holdout`` records, at most a fifth of
+the data; clean accuracy and the τ rule are measured on it, never trained on), ``N`` disjoint slices for the variants,
 and the repair records (the records left after those; if fewer than ``repair_n`` are left, the
 variants' clean records are reused: they are the defender's own clean data).
 
@@ -60,7 +60,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from purifylib.defender import answer_missing, split_clean
+from purifylib.defender import HOLDOUT_SHARE, answer_missing, split_clean
 from purifylib.errors import PurifyError
 from purifylib.neutralize import Neutralization
 from purifylib.recipe import FRAGILITY_DRAWS, FRAGILITY_TAU, PRETRAINED_RECIPE, PurifyConfig
@@ -267,8 +267,11 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     if n_answered:
         notes.append(f"{n_answered} of {len(clean)} clean records had no answer and were answered by the suspicious "
                      f"model itself; utility for the tau rule: {utility}")
-    asked = cfg.variants.n_clean
+    asked, asked_holdout = cfg.variants.n_clean, cfg.n_holdout
     split, cfg = split_clean(clean, cfg)
+    if cfg.n_holdout < asked_holdout:
+        notes.append(f"{cfg.n_holdout} records held out instead of {asked_holdout} (at most {HOLDOUT_SHARE:.0%} of the "
+                     "clean data, so that the variants keep enough to learn their backdoors)")
     if cfg.variants.n_clean < asked:
         notes.append(f"{cfg.variants.n_clean} clean records per variant instead of {asked} (the clean data is small)")
 

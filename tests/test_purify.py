@@ -352,3 +352,15 @@ def test_only_variants_that_learnt_their_backdoor_count():
     assert "fewer than two folds" in notes[-1]
     with pytest.raises(PurifyError, match="learnt_asr must be a share"):
         PurifyConfig(learnt_asr=2.0)
+
+
+def test_small_clean_data_holds_out_at_most_a_fifth(micro_bed):
+    from purifylib.defender import HOLDOUT_SHARE, holdout_size
+
+    assert holdout_size(3600, 200) == 200 and holdout_size(300, 200) == 60 and holdout_size(300, 40) == 40
+    clean = micro_bed.split("defender")[:300]
+    split, used = split_clean(clean, PurifyConfig())  # a few hundred records, purify run's defaults
+    assert len(split.holdout) == used.n_holdout == int(300 * HOLDOUT_SHARE)
+    assert used.variants.n_clean == (300 - 60) // 6 == 40  # not the 16 that 200 held out would leave
+    again, same = split_clean(clean, used)  # the returned config splits the same way again
+    assert again.holdout == split.holdout and same == used

@@ -2,9 +2,9 @@
 
 It reads the suspicious model and the defender's clean data, nothing else. The clean data is
 shuffled with the seed and split into: a held-out slice (``n_holdout`` records, at most a fifth of
-the data; clean accuracy and the τ rule are measured on it, never trained on), ``N`` disjoint slices for the variants,
-and the repair records (the records left after those; if fewer than ``repair_n`` are left, the
-variants' clean records are reused: they are the defender's own clean data).
+the data; clean accuracy and the τ rule are measured on it, never trained on), ``N`` disjoint slices
+for the variants, and the repair records (the records left after those; if fewer than ``repair_n``
+are left, the variants' clean records are reused: they are the defender's own clean data).
 
 **Choosing τ without the trigger** (``tau="auto"``, the default), in two steps:
 

@@ -235,7 +235,8 @@ def n_effect_finding(curve) -> Finding:
     t = THRESHOLDS
     curve = curve.sort_values("n_variants")
     asr, ns = list(curve["asr"]), list(curve["n_variants"])
-    listed = f"Effect of N at τ {curve['tau'].iloc[0]:g}: ASR {', '.join(f'{a:.0%}' for a in asr)} for N = {', '.join(map(str, ns))}"
+    listed = (f"Effect of N at τ {curve['tau'].iloc[0]:g}: ASR {', '.join(f'{a:.0%}' for a in asr)} "
+              f"for N = {', '.join(map(str, ns))}")
     drop = asr[0] - asr[-1]
     late = [a for n, a in zip(ns, asr) if n >= t["n_flat_from"]]
     flat = len(late) < 2 or max(late) - min(late) <= t["n_effect_drop_min"]

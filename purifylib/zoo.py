@@ -296,6 +296,20 @@ SIGNATURE_DEFENCES = ("signature-auto", "random")
 REPAIRING_BASELINES = ("finetune", "fine-pruning")
 
 
+def cell_file(sus: Suspicious, defence: str, draw: int, cfg, dcfg, *, paper_tau: float, n_eval: int, seed: int,
+              test: list) -> str:
+    """The file name of one (suspicious model, defence, draw) row of :func:`defence_grid`: keyed by what
+    the row is computed from (a defence that does not read the signature, by the settings it reads)."""
+    key = hashlib.sha256(json.dumps({"model": sus.key or str(sus.model_dir), "adapter": bool(sus.adapter_dir),
+                                     "defence": defence, "defences": dcfg.to_dict(),
+                                     "purify": cfg.identity() if defence in SIGNATURE_DEFENCES else
+                                     cfg.baseline_identity(repair=defence in REPAIRING_BASELINES),
+                                     "paper_tau": paper_tau, "n_eval": n_eval, "seed": seed, "draw": draw,
+                                     "test": cache.records_digest(test)},
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{sus.name}-{defence}{draw or ''}-{key}.json"
+
+
 def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, seed: int = 0, dcfg=None,
                  paper_tau: float = PAPER_TAU, cache_dir=None, cells_dir=None, progress: bool = True,
                  test: list | None = None, n_random: int = 1, cached_only: bool = False):
@@ -336,14 +350,7 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
         auto = None
         runs = [(d, k) for d in defences for k in range(n_random if d == "random" else 1)]
         for d, draw in tqdm(runs, desc=f"defences ({sus.name})", disable=not progress, leave=False):
-            key = hashlib.sha256(json.dumps({"model": sus.key or str(sus.model_dir), "adapter": bool(sus.adapter_dir),
-                                             "defence": d, "defences": dcfg.to_dict(),
-                                             "purify": cfg.identity() if d in SIGNATURE_DEFENCES else
-                                             cfg.baseline_identity(repair=d in REPAIRING_BASELINES),
-                                             "paper_tau": paper_tau, "n_eval": n_eval, "seed": seed, "draw": draw,
-                                             "test": cache.records_digest(test)},
-                                            sort_keys=True, default=str).encode()).hexdigest()[:16]
-            cell = root / f"{sus.name}-{d}{draw or ''}-{key}.json"
+            cell = root / cell_file(sus, d, draw, cfg, dcfg, paper_tau=paper_tau, n_eval=n_eval, seed=seed, test=test)
             if cell.is_file():
                 rows.append(json.loads(cell.read_text()))
                 continue

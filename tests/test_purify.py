@@ -248,7 +248,7 @@ def test_run_config_reads_a_recipe_and_flags_win(tmp_path):
 def test_a_later_setting_at_its_old_value_keeps_cached_results_valid():
     first = PurifyConfig().held_at_first_values(repair=True)  # the settings the committed grid was keyed with
     old = first.to_dict()
-    for later in ("prefer", "repair_triggers", "learnt_asr", "fragile_ppl"):
+    for later in ("prefer", "repair_triggers", "learnt_asr", "fragile_ppl", "pretrained_lora"):
         old.pop(later)  # the configuration as it was when the committed grid was keyed
     assert first.identity() == old
     assert PurifyConfig(prefer="removal").identity()["prefer"] == "removal"
@@ -311,6 +311,10 @@ def test_a_fragile_model_gets_the_pretrained_recipe(micro_bed, suspicious, monke
     assert (recipe, ratio, cfg.neutral, cfg.alpha, cfg.heads, cfg.repair_lr, cfg.tau_grid) == \
         ("pretrained", 7.3, "negate", 1.25, n_heads, 3e-5, NEGATE_TAU_GRID)
     assert "7.30 (> 2)" in notes[0] and cfg.repair_epochs == PurifyConfig().repair_epochs
+    # and LoRA variants, unless told to keep full ones
+    assert (cfg.variants.lora, cfg.variants.lr, cfg.variants.epochs) == (True, 5e-3, 2.0) and "LoRA" in notes[0]
+    kept = pp.choose_recipe(PurifyConfig(pretrained_lora=False), model, tok, records, [])[0]
+    assert kept.variants == PurifyConfig().variants and kept.neutral == "negate"
     # what the user chose is kept: negation already, the check off, or the adapter-only threat
     for given in (PurifyConfig(neutral="negate", alpha=2.0), PurifyConfig(fragile_ppl=0),
                   PurifyConfig(fragile_ppl=10.0)):
@@ -322,6 +326,10 @@ def test_a_fragile_model_gets_the_pretrained_recipe(micro_bed, suspicious, monke
     # the paper's recipe re-initialises whatever the model; the check keeps every committed key
     assert PurifyConfig().paper_recipe(0.03).fragile_ppl == 0 and "fragile_ppl" not in PurifyConfig().identity()
     assert PurifyConfig(fragile_ppl=3.0).identity()["fragile_ppl"] == 3.0
+    assert "pretrained_lora" not in PurifyConfig().identity()
+    assert PurifyConfig(pretrained_lora=False).identity()["pretrained_lora"] is False
+    # a baseline does not read it: its cells keep their keys
+    assert PurifyConfig(pretrained_lora=False).baseline_identity() == PurifyConfig().baseline_identity()
     for bad in (0.5, 1.0, float("nan")):
         with pytest.raises(PurifyError, match="fragile_ppl must be 0"):
             PurifyConfig(fragile_ppl=bad)

@@ -11,7 +11,9 @@ neutralization ``purify run`` would take on it (negation of every head on a pret
 re-initialisation on the testbed). Prints one JSON line per (n_probe, repeat): the preview's seconds,
 the first of each n_probe including the one-off memoization of the variants' updates, and the tokens
 one preview runs through the model (the padded prompt tokens of every probe batch, plus the generated
-ones): on a CPU the preview's time is about those tokens times two multiply-adds per parameter.
+ones): on a CPU the preview's time is about those tokens times two multiply-adds per parameter. A fast
+(teacher-forced) preview runs the prompts and the compared answers once, without generating, and its
+shared chat-template prefix once per probe set, so it runs through fewer than ``tokens_at_most``.
 """
 
 import argparse
@@ -29,6 +31,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--cache", default="data/cache")
+    p.add_argument("--mode", choices=("both", "fast", "generate"), default="both",
+                   help="teacher-forced previews (fast, a model over widgets.FAST_PARAMS), generating ones, or both")
     a = p.parse_args()
 
     import torch
@@ -62,19 +66,22 @@ def main() -> None:
     spec = TriggerSpec(attack="badnets", behaviour=Behaviour(kind="sentiment"))
     print(json.dumps({"model": str(bed.base_dir), "threads": torch.get_num_threads(), "neutralization": how.way,
                       "heads": how.heads, "tau": a.tau}), flush=True)
-    for n_probe in (int(n) for n in a.n_probe.split(",")):
+    modes = {"both": (False, True), "fast": (True,), "generate": (False,)}[a.mode]
+    for n_probe, fast in ((int(n), f) for n in a.n_probe.split(",") for f in modes):
         t0 = time.time()
         state = widgets.prepare(model, tok, signature, variants, bed.split("test"), how=how, spec=spec,
-                                n_probe=n_probe, match=bed.match)
+                                n_probe=n_probe, match=bed.match, fast=fast)
         prepared = time.time() - t0
         sets = [state.prompts[k] for k in ("clean", "triggered", "off", "synthetic")]
-        tokens = sum(encode_prompts(tok, rs, "cpu")["input_ids"].numel() + new_tokens * len(rs) for rs in sets)
+        tokens = sum(encode_prompts(tok, rs, "cpu")["input_ids"].numel() + (0 if fast else new_tokens * len(rs))
+                     for rs in sets)
         for r in range(a.repeats):
             out = widgets.preview(state, tau=a.tau)
-            print(json.dumps({"n_probe": n_probe, "repeat": r, "prepare_s": round(prepared, 2),
-                              "preview_s": round(out["seconds"], 2),
-                              "tokens": tokens, "gflop": round(2 * n_params * tokens / 1e9, 1),
-                              "clean_accuracy": out["clean_accuracy"]}), flush=True)
+            print(json.dumps({"n_probe": n_probe, "fast": fast, "probes_kept": len(state.clean), "repeat": r,
+                              "prepare_s": round(prepared, 2), "preview_s": round(out["seconds"], 2),
+                              "tokens_at_most": tokens, "gflop_at_most": round(2 * n_params * tokens / 1e9, 1),
+                              "clean_accuracy": out["clean_accuracy"], "synthetic_asr": out["synthetic_asr"]}),
+                  flush=True)
 
 
 if __name__ == "__main__":

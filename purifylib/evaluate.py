@@ -104,6 +104,58 @@ def generate(model, tokenizer, records: list[dict], *, batch_size: int = 64, max
     return outs
 
 
+def shared_prefix(seqs: list[list[int]]) -> int:
+    """How many leading tokens every sequence shares, short of the shortest one's last token."""
+    n = min(map(len, seqs)) - 1
+    k = 0
+    while k < n and all(s[k] == seqs[0][k] for s in seqs):
+        k += 1
+    return max(k, 0)
+
+
+def forced_match(model, tokenizer, records: list[dict], targets: list[str], *, max_tokens: int = 16,
+                 stop: bool = False, share_prefix: bool = True) -> list[bool]:
+    """Whether greedy decoding of each record's chat prompt would begin with its target's first
+    ``max_tokens`` tokens (tokenized as training tokenizes outputs; with ``stop``, the end-of-sequence
+    token after the target too, so an empty target means "answers nothing"), read from one
+    teacher-forced forward pass instead of generating: a live preview's measure. The prompts' common
+    leading tokens (the chat template's system turn) run once (``share_prefix``), reused by every prompt."""
+    import torch
+
+    if len(records) != len(targets):
+        raise ValueError(f"{len(records)} records but {len(targets)} targets")
+    if not records:
+        return []
+    device = next(model.parameters()).device
+    prompts = tokenizer([chat_prompt(tokenizer, r) for r in records], add_special_tokens=False)["input_ids"]
+    end = [tokenizer.eos_token_id] if stop and tokenizer.eos_token_id is not None else []
+    wants = [(t + end)[:max_tokens] for t in tokenizer(list(targets), add_special_tokens=False)["input_ids"]]
+    k = shared_prefix(prompts) if share_prefix else 0
+    rest = [p[k:] + w for p, w in zip(prompts, wants)]
+    width = max(map(len, rest))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rest], device=device)
+    mask = torch.tensor([[1] * (k + len(r)) + [0] * (width - len(r)) for r in rest], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            past = None
+            if k:
+                past = model(input_ids=torch.tensor([prompts[0][:k]], device=device), use_cache=True).past_key_values
+                past.batch_repeat_interleave(len(rest))
+            positions = torch.arange(k, k + width, device=device).expand(len(rest), -1)
+            pred = model(input_ids=ids, attention_mask=mask, past_key_values=past, position_ids=positions,
+                         use_cache=False).logits.argmax(-1)
+    finally:
+        model.train(was_training)
+    out = []
+    for i, (p, w) in enumerate(zip(prompts, wants)):
+        first = len(p) - k - 1  # the logits there predict the answer's first token
+        out.append(bool(w) and pred[i, first:first + len(w)].tolist() == w)
+    return out
+
+
 def prompt_batches(model, tokenizer, records: list[dict], *, batch_size: int = 64):
     """Yield the records' chat prompts as left-padded encoded batches, under ``torch.no_grad``.
 

@@ -10,6 +10,10 @@ chosen τ, strength, λ, modules and layers *reversibly* and measures, on small 
 - clean accuracy on held-out prompts, flagged channels per layer, and sample generations
   before and after.
 
+On a model above :data:`FAST_PARAMS` parameters a preview teacher-forces instead of generating
+(:func:`purifylib.evaluate.forced_match`: one forward pass per probe set, the chat template's shared
+prefix once), which ``benchmarks/bench_tuner_preview.py`` times.
+
 The model is left exactly as it was after every call. :func:`tuner` wraps it in sliders.
 :func:`grid` sweeps τ × strength, with and without repair, for static (papermill) outputs.
 """
@@ -26,6 +30,11 @@ MODULES = ("gate", "up", "down")
 LEARNT = 0.5
 #: seconds without a new setting before a preview runs (arrow presses do not queue previews)
 DEBOUNCE_S = 0.4
+#: above this many parameters a preview teacher-forces instead of generating (:func:`measure`): on 2 cores
+#: SmolLM2-135M generates four probe sets in ~31 s, the testbed's models in under a second
+FAST_PARAMS = 50_000_000
+#: answer tokens a fast preview compares (the untouched model's answers, the behaviours' texts)
+FAST_TOKENS = 12
 #: set by ``purify reproduce``: the tuner renders one static preview instead of live widgets (nobody can
 #: move a slider in a headless run, and a notebook client can hang on a cell full of live widgets)
 HEADLESS = "PURIFY_HEADLESS"
@@ -51,6 +60,10 @@ class Tuner:
     match: str = "exact"
     before: dict = field(default_factory=dict)  # the untouched model's numbers on the same probes
     history: list = field(default_factory=list)  # the previews so far (the tuner plots them against τ)
+    # teacher-forced previews (:func:`measure`); the untouched model's clean answers and which were right
+    fast: bool = False
+    clean_before: list = field(default_factory=list)
+    right_before: list = field(default_factory=list)
 
     @property
     def synthetic_learnt(self) -> bool:
@@ -60,12 +73,13 @@ class Tuner:
 
 def prepare(model, tokenizer, signature, variants, clean: list[dict], *, how=None, spec=None,
             held_out: int | None = None, n_probe: int = 32, n_samples: int = 3, seed: int = 0,
-            match: str = "exact") -> Tuner:
+            match: str = "exact", fast: bool | None = None) -> Tuner:
     """Build a :class:`Tuner` (scores the leave-one-out signature and the 'before' samples once).
 
     ``how`` is the neutralization the sliders start from (a purification's; default the paper's);
-    ``match`` says how ``clean``'s answers are checked (:data:`purifylib.evaluate.MATCHES`)."""
-    from purifylib.evaluate import attack_prompts
+    ``match`` says how ``clean``'s answers are checked (:data:`purifylib.evaluate.MATCHES`); ``fast``
+    (default: above :data:`FAST_PARAMS` parameters) makes every preview teacher-forced (:func:`measure`)."""
+    from purifylib.evaluate import accuracy, attack_prompts, generate
     from purifylib.neutralize import Neutralization
     from purifylib.signature import score
     from purifylib.variants import poisoned_copy
@@ -87,10 +101,24 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, how=Non
         base, trig, off = attack_prompts(clean, spec, seed)
         prompts.update(base=base, triggered=trig[:n_probe], off=off[:n_probe])
     # every preview applies the same updates: keep what it reads in memory instead of re-reading the files
+    if fast is None:
+        fast = sum(p.numel() for p in model.parameters()) > FAST_PARAMS
     t = Tuner(model=model, tokenizer=tokenizer, signature=signature, loo_signature=loo, variants=variants.memoized(),
-              how=how or Neutralization(), held_out=k, clean=clean, spec=spec, n_samples=n_samples, seed=seed, prompts=prompts, match=match)
+              how=how or Neutralization(), held_out=k, clean=clean, spec=spec, n_samples=n_samples, seed=seed, prompts=prompts, match=match,
+              fast=fast)
+    if fast:  # what a fast preview compares against: the untouched model's own answers, generated once
+        from purifylib.evaluate import forced_match
+
+        said = generate(model, tokenizer, clean)
+        # a probe whose answer does not survive decoding and re-tokenizing cannot be compared: left out
+        same = forced_match(model, tokenizer, clean, said, max_tokens=FAST_TOKENS, stop=True)
+        t.clean = prompts["clean"] = [r for r, ok in zip(clean, same) if ok]
+        t.clean_before = [a for a, ok in zip(said, same) if ok]
+        t.right_before = [accuracy([a], [r], match) == 1.0 for a, r in zip(t.clean_before, t.clean)]
+        t.samples_before = generate(model, tokenizer, _sample_prompts(t))
     t.before = measure(t)  # the untouched model; its answers to the sample prompts are the "before" column
-    t.samples_before = t.before.pop("after")
+    after = t.before.pop("after")
+    t.samples_before = t.samples_before if fast else after
     return t
 
 
@@ -106,6 +134,8 @@ def measure(t: Tuner, sig=None, how=None, loo=None) -> dict:
     def applied(signature):
         return nullcontext() if how is None else neutralized(t.model, signature, how, variants=t.variants)
 
+    if t.fast:
+        return _measure_fast(t, applied, sig, loo)
     out = {"asr": None, "false_trigger": None, "off_trigger": None}
     with applied(sig):
         clean_out = generate(t.model, t.tokenizer, t.prompts["clean"])
@@ -123,6 +153,35 @@ def measure(t: Tuner, sig=None, how=None, loo=None) -> dict:
     behaviour = t.variants.config.plant(t.held_out).behaviour
     with carrying(t.model, t.variants, t.held_out), applied(loo):
         out["synthetic_asr"] = shown(behaviour, generate(t.model, t.tokenizer, t.prompts["synthetic"]))
+    return out
+
+
+def _measure_fast(t: Tuner, applied, sig, loo) -> dict:
+    """:func:`measure` by teacher forcing (:func:`purifylib.evaluate.forced_match`), one forward pass a
+    probe set: an answer *kept* is one whose first :data:`FAST_TOKENS` tokens greedy decoding still
+    gives as the untouched model did, so clean accuracy is a floor (the right answers kept); an ASR is
+    the share of triggered probes whose answer begins with the target. No samples are generated."""
+    from purifylib.evaluate import forced_match
+    from purifylib.variants import carrying
+
+    def begins(prompts, target):
+        hits = forced_match(t.model, t.tokenizer, prompts, [target] * len(prompts), max_tokens=FAST_TOKENS)
+        return sum(hits) / max(len(hits), 1)
+
+    out = {"asr": None, "false_trigger": None, "off_trigger": None, "after": None}
+    with applied(sig):
+        kept = forced_match(t.model, t.tokenizer, t.prompts["clean"], t.clean_before, max_tokens=FAST_TOKENS,
+                            stop=True)
+        out["clean_kept"] = sum(kept) / max(len(kept), 1)
+        out["clean_accuracy"] = sum(k and r for k, r in zip(kept, t.right_before)) / max(len(kept), 1)
+        if t.spec is not None:
+            target = t.spec.behaviour.target
+            out["asr"] = begins(t.prompts["triggered"], target)
+            out["false_trigger"] = begins(t.prompts["base"], target)
+            out["off_trigger"] = begins(t.prompts["off"], target)
+    behaviour = t.variants.config.plant(t.held_out).behaviour
+    with carrying(t.model, t.variants, t.held_out), applied(loo):
+        out["synthetic_asr"] = begins(t.prompts["synthetic"], behaviour)
     return out
 
 
@@ -158,7 +217,7 @@ def preview(t: Tuner, *, tau: float, strength: float = 1.0, lam: float = 0.01, m
                          layers=layers)
     loo, _ = configure(t.loo_signature, base, tau=tau, lam=lam, modules=modules, heads=heads, layers=layers)
     out = {"tau": tau, "strength": strength, "lam": lam, **measure(t, sig, how, loo)}
-    after = out.pop("after")
+    after = out.pop("after") or ["(a fast preview generates nothing)"] * len(t.samples_before)
     summary = how.summary(sig)
     cols = ["layer", "module", "flagged", "flagged_score_share"]
     out["flagged"] = summary[cols] if len(summary) else pd.DataFrame(columns=cols)
@@ -193,9 +252,12 @@ def status_lines(t: Tuner, p: dict):
     rows = []
     for label, m in (("before (untouched model)", t.before), (f"now (τ {p['tau']:.2f})", p)):
         syn = pct(m.get("synthetic_asr")) if t.synthetic_learnt else "n/a (variant never learnt it)"
-        rows.append({"": label, "clean accuracy": pct(m.get("clean_accuracy")), "synthetic ASR (held-out variant)": syn,
-                     "real ASR": pct(m.get("asr")), "false-trigger": pct(m.get("false_trigger")),
-                     "off-trigger": pct(m.get("off_trigger"))})
+        row = {"": label, "clean accuracy": pct(m.get("clean_accuracy")), "synthetic ASR (held-out variant)": syn,
+               "real ASR": pct(m.get("asr")), "false-trigger": pct(m.get("false_trigger")),
+               "off-trigger": pct(m.get("off_trigger"))}
+        if t.fast:  # teacher-forced: accuracy counts the right answers kept, an ASR the answers that begin with the target
+            row = {**row, "clean accuracy": f"≥ {row['clean accuracy']}", "clean answers kept": pct(m.get("clean_kept"))}
+        rows.append(row)
     return pd.DataFrame(rows).set_index("")
 
 
@@ -291,6 +353,11 @@ def rendered(t: Tuner, p: dict) -> dict:
     note = "" if t.synthetic_learnt else (
         f"The held-out variant reached only {100 * (t.before.get('synthetic_asr') or 0):.0f}% ASR on its own "
         "trigger before any neutralization: its ASR after says nothing about the setting.")
+    if t.fast:
+        note = " ".join(x for x in (note, (
+            f"Fast preview (a model of over {FAST_PARAMS // 1_000_000}M parameters): teacher-forced, nothing "
+            f"generated; an answer is kept if its first {FAST_TOKENS} tokens are as before, an ASR counts the "
+            "answers that begin with the target. Purify to measure by generation.")) if x)
     fig = figure(t, p)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")

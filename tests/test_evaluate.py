@@ -43,3 +43,23 @@ def test_planted_backdoor_is_measured(micro_bed, micro_model, tmp_path):
     assert 0 <= m.off_trigger <= 1 and m.n_attack == sum(r["output"] != "I'm sorry, but I cannot help with that."
                                                         for r in test)
     assert evaluate_clean(*sus.load(), test).accuracy == pytest.approx(m.clean_accuracy)
+
+
+def test_forced_match_reads_greedy_decoding_from_one_forward_pass(micro_bed, micro_model):
+    from purifylib.evaluate import forced_match, generate, shared_prefix
+
+    model, tok = micro_model
+    records = micro_bed.split("test")[:16]
+    said = generate(model, tok, records, max_new_tokens=8)
+    # the model's own greedy answers (to the end, empty ones too) are what it would say; another record's is not
+    own = forced_match(model, tok, records, said, max_tokens=12, stop=True)
+    assert sum(own) >= 15
+    assert not any(forced_match(model, tok, records, [""] * 16)) and sum(forced_match(model, tok, records, said)) < 16
+    other = forced_match(model, tok, records, said[1:] + said[:1], max_tokens=4)
+    assert sum(o for o, a, b in zip(other, said, said[1:] + said[:1]) if a.split()[:2] != b.split()[:2]) == 0
+    # the shared chat-template prefix runs once without changing the answer
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2 and shared_prefix([[7], [7]]) == 0
+    assert own == forced_match(model, tok, records, said, max_tokens=12, stop=True, share_prefix=False)
+    assert forced_match(model, tok, [], []) == []
+    with pytest.raises(ValueError, match="2 records but 1 targets"):
+        forced_match(model, tok, records[:2], said[:1])

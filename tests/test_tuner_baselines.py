@@ -70,6 +70,32 @@ def test_preview_measures_and_restores(micro_bed, setup):
         widgets.preview(t2, tau=0.1, modules=())
 
 
+def test_a_fast_preview_teacher_forces_and_agrees_with_generation(micro_bed, setup):
+    sus, variants, model, tok, sig = setup
+    clean = micro_bed.split("test")[:16]
+    slow = widgets.prepare(model, tok, sig, variants, clean, spec=sus.spec, n_probe=16)
+    fast = widgets.prepare(model, tok, sig, variants, clean, spec=sus.spec, n_probe=16, fast=True)
+    assert not slow.fast and fast.fast  # the micro model is far below FAST_PARAMS
+    assert len(fast.clean) == len(fast.clean_before) >= 12  # probes whose answers re-tokenize as said
+    before = _state(model)
+    p = widgets.preview(fast, tau=0.2)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert p["samples"]["after"].tolist() == ["(a fast preview generates nothing)"] * 3
+    # untouched, every answer is kept and accuracy is the untouched model's on the same probes
+    assert fast.before["clean_kept"] == 1.0
+    assert fast.before["clean_accuracy"] == sum(fast.right_before) / len(fast.clean)
+    # the planted backdoor begins its answers: the fast ASR matches generation's before and after
+    for tau in (None, 0.3):
+        a, b = (fast.before, slow.before) if tau is None else (widgets.preview(fast, tau=tau),
+                                                               widgets.preview(slow, tau=tau))
+        assert abs(a["asr"] - b["asr"]) <= 0.15 and a["clean_accuracy"] <= b["clean_accuracy"] + 0.15, tau
+    assert slow.before["asr"] > 0.5
+    p0 = widgets.preview(fast, tau=0.2, strength=0.0)
+    assert p0["clean_kept"] == 1.0 and p0["asr"] == fast.before["asr"]
+    table = widgets.status_lines(fast, p)
+    assert "clean answers kept" in table.columns and table["clean accuracy"].iloc[0].startswith("≥ ")
+
+
 def test_tuner_follows_a_negating_purification_with_heads(micro_bed, setup):
     sus, variants, model, tok, _ = setup
     sig = score(model, variants, heads=True, progress=False)

@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fragile-ppl", type=_number, metavar="FACTOR",
                    help=f"measured first: if re-initialising a random {FRAGILITY_TAU:.0%}% of the MLP channels "
                         "multiplies held-out perplexity by more than FACTOR (a pretrained model), negate at alpha "
-                        f"{PRETRAINED_RECIPE['alpha']:g} with every head and repair at lr "
-                        f"{PRETRAINED_RECIPE['repair_lr']:g} instead of re-initialising (default "
+                        f"{PRETRAINED_RECIPE['alpha']:g} with every head, repair at lr "
+                        f"{PRETRAINED_RECIPE['repair_lr']:g} and train LoRA variants (unless --variant-lora, "
+                        "--variant-epochs or the recipe set how they train) instead of re-initialising (default "
                         f"{PurifyConfig.fragile_ppl:g}; 0: never switch)")
     s.add_argument("--threat", choices=("full", "adapter"), help="full (default) or adapter (with --adapter)")
     s.add_argument("--utility", choices=("auto", "accuracy", "perplexity"),

@@ -170,9 +170,11 @@ VARIANT_FLAGS = {"variants": "n_variants", "threat": "threat", "variant_set": "v
 
 def run_config(a):
     """``purify run``'s :class:`~purifylib.recipe.PurifyConfig`: the defaults, then ``--config FILE`` (a
-    YAML mapping of any of its fields, ``variants:`` a mapping of VariantConfig's), then the flags given."""
+    YAML mapping of any of its fields, ``variants:`` a mapping of VariantConfig's), then the flags given.
+    A recipe or flag that sets how the variants train (LoRA or not, rate, batch, epochs) is kept on a
+    pretrained model too (``pretrained_lora`` off, unless the recipe sets it)."""
 
-    from purifylib.recipe import PurifyConfig
+    from purifylib.recipe import PRETRAINED_VARIANTS, PurifyConfig
     from purifylib.variants import VariantConfig
 
     given = {}
@@ -198,6 +200,8 @@ def run_config(a):
     variants.setdefault("seed", given.get("seed", 0))
     variants.update({field: getattr(a, dest) for dest, field in VARIANT_FLAGS.items()
                      if getattr(a, dest, None) is not None})
+    if set(variants) & set(PRETRAINED_VARIANTS):  # the variants' training as the user set it, on any model
+        given.setdefault("pretrained_lora", False)
     try:
         return PurifyConfig(variants=VariantConfig(**variants), **given)
     except TypeError as exc:  # a field of the wrong shape

@@ -235,8 +235,11 @@ def test_run_config_reads_a_recipe_and_flags_win(tmp_path):
                                                                                                  0.05, 500, 2)
     assert cfg.variants.n_variants == 4 and cfg.variants.lora and cfg.variants.seed == 2
     assert cfg.variants.plant(1).kind == "prefix" and cfg.variants.folds() == [[0], [1], [2], [3]]
+    assert not cfg.pretrained_lora  # the recipe says how the variants train: a pretrained model keeps that
     plain = run_config(build_parser().parse_args(argv[:7]))
     assert plain == PurifyConfig()  # no recipe, no flags: purify run's defaults are PurifyConfig's
+    assert not run_config(build_parser().parse_args(argv[:7] + ["--no-variant-lora"])).pretrained_lora
+    assert run_config(build_parser().parse_args(argv[:7] + ["--variants", "4"])).pretrained_lora
     for text, needle in (("tau: [1, 2\n", "not valid YAML"), ("- 1\n", "expected a mapping"),
                          ("taus: 0.1\n", r"unknown setting\(s\) taus"), ("variants: {epoch: 2}\n", "variants: unknown")):
         recipe.write_text(text)

@@ -110,7 +110,7 @@ def shared_prefix(seqs: list[list[int]]) -> int:
     k = 0
     while k < n and all(s[k] == seqs[0][k] for s in seqs):
         k += 1
-    return max(k, 0)
+    return k
 
 
 def forced_match(model, tokenizer, records: list[dict], targets: list[str], *, max_tokens: int = 16,

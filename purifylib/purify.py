@@ -286,6 +286,7 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     model, tok = load()
     metrics = {"suspicious": _holdout_metrics(model, tok, split.holdout)}
     cfg, frag, recipe = choose_recipe(cfg, model, tok, split.holdout, notes)
+    del model, tok  # not held while the variants train (one model in memory at a time, as before)
 
     t = time.time()
     stage("variants")
@@ -296,6 +297,7 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     timings["variant_mean"] = round(timings["variants_recorded"] / (2 * len(variants.info)), 2)
 
     stage("score")
+    model, tok = load()
     shown = split.holdout[:N_SAMPLES]
     samples = [{"instruction": r["instruction"], "input": r.get("input", ""), "reference": r.get("output", ""),
                 "suspicious": a} for r, a in zip(shown, _answers(model, tok, shown))]

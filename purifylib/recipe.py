@@ -172,7 +172,8 @@ LATER_FIELDS = {"prefer": "utility", "repair_triggers": 0.0, "learnt_asr": 0.0, 
 SIGNATURE_FIELDS = {"tau": "auto", "tau_grid": None, "strength": 1.0, "neutral": "reinit", "alpha": 1.0, "heads": 0,
                     "lam": 0.01, "loo_asr_max": 0.05, "acc_keep": 0.97, "utility": "auto", "ppl_keep": 1.10,
                     "prefer": "utility", "repair_triggers": 0.0, "learnt_asr": 0.0, "fragile_ppl": 2.0,
-                    "pretrained_lora": True, "variants": {"variants": "paper", "lora": None, "lr": None, "epochs": 3.0, "batch_size": 32,
+                    "pretrained_lora": True,
+                    "variants": {"variants": "paper", "lora": None, "lr": None, "epochs": 3.0, "batch_size": 32,
                                  "lora_r": 8, "lora_alpha": 16}}
 #: the repair's settings at their first-grid values (held for the defences that do not repair as purify run does)
 REPAIR_FIELDS = {"repair_epochs": 1.0, "repair_lr": 3e-4}

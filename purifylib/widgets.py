@@ -79,7 +79,7 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, how=Non
     ``how`` is the neutralization the sliders start from (a purification's; default the paper's);
     ``match`` says how ``clean``'s answers are checked (:data:`purifylib.evaluate.MATCHES`); ``fast``
     (default: above :data:`FAST_PARAMS` parameters) makes every preview teacher-forced (:func:`measure`)."""
-    from purifylib.evaluate import accuracy, attack_prompts, generate
+    from purifylib.evaluate import MATCHES, attack_prompts, generate
     from purifylib.neutralize import Neutralization
     from purifylib.signature import score
     from purifylib.variants import poisoned_copy
@@ -104,8 +104,8 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, how=Non
     if fast is None:
         fast = sum(p.numel() for p in model.parameters()) > FAST_PARAMS
     t = Tuner(model=model, tokenizer=tokenizer, signature=signature, loo_signature=loo, variants=variants.memoized(),
-              how=how or Neutralization(), held_out=k, clean=clean, spec=spec, n_samples=n_samples, seed=seed, prompts=prompts, match=match,
-              fast=fast)
+              how=how or Neutralization(), held_out=k, clean=clean, spec=spec, n_samples=n_samples, seed=seed,
+              prompts=prompts, match=match, fast=fast)
     if fast:  # what a fast preview compares against: the untouched model's own answers, generated once
         from purifylib.evaluate import forced_match
 
@@ -114,11 +114,12 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, how=Non
         same = forced_match(model, tokenizer, clean, said, max_tokens=FAST_TOKENS, stop=True)
         t.clean = prompts["clean"] = [r for r, ok in zip(clean, same) if ok]
         t.clean_before = [a for a, ok in zip(said, same) if ok]
-        t.right_before = [accuracy([a], [r], match) == 1.0 for a, r in zip(t.clean_before, t.clean)]
+        t.right_before = [MATCHES[match](a, r["output"]) for a, r in zip(t.clean_before, t.clean)]
         t.samples_before = generate(model, tokenizer, _sample_prompts(t))
     t.before = measure(t)  # the untouched model; its answers to the sample prompts are the "before" column
     after = t.before.pop("after")
-    t.samples_before = t.samples_before if fast else after
+    if not fast:
+        t.samples_before = after
     return t
 
 
@@ -255,8 +256,9 @@ def status_lines(t: Tuner, p: dict):
         row = {"": label, "clean accuracy": pct(m.get("clean_accuracy")), "synthetic ASR (held-out variant)": syn,
                "real ASR": pct(m.get("asr")), "false-trigger": pct(m.get("false_trigger")),
                "off-trigger": pct(m.get("off_trigger"))}
-        if t.fast:  # teacher-forced: accuracy counts the right answers kept, an ASR the answers that begin with the target
-            row = {**row, "clean accuracy": f"≥ {row['clean accuracy']}", "clean answers kept": pct(m.get("clean_kept"))}
+        if t.fast:  # teacher-forced: accuracy counts the right answers kept, an ASR the answers beginning with the target
+            row = {**row, "clean accuracy": f"≥ {row['clean accuracy']}",
+                   "clean answers kept": pct(m.get("clean_kept"))}
         rows.append(row)
     return pd.DataFrame(rows).set_index("")
 

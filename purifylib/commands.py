@@ -253,6 +253,14 @@ def cmd_grid(a) -> int:
                               f"{name} {','.join(map(str, getattr(cfg, name)))}")
     if narrow:  # a part of the preset (its cells keep their keys: a later full run reads them back)
         cfg = dataclasses.replace(cfg, **narrow)
+    if a.pairs is not None:
+        have = list(dict.fromkeys((c.attack, c.family) for c in grid_cells(cfg)))
+        extra = [p for p in a.pairs if p not in have]
+        if extra:
+            raise PurifyError(f"--pairs {','.join(':'.join(p) for p in extra)}: preset '{a.preset}' has pairs "
+                              f"{','.join(':'.join(p) for p in have)}")
+        cfg = dataclasses.replace(cfg, pairs=tuple(a.pairs),
+                                  paper_pairs=tuple(p for p in cfg.paper_pairs if p in a.pairs))
     if a.hours is not None and a.hours <= 0:
         raise PurifyError(f"--hours must be > 0, got {a.hours}")
     out = Path(a.out) if a.out else REPO_ROOT / "reports" / ("grid" if a.preset == "grid" else f"grid-{a.preset}")

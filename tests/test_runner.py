@@ -90,6 +90,11 @@ def test_index_names_the_paper_claim(tmp_path):
     reports.record_metrics("grid", {"cells": 1}, root=tmp_path / "grid")
     assert "Held-out attack grids (the paper's Table 2" in reports.write_index_readme(tmp_path).read_text()
     assert "[grid/](grid/README.md)" in (tmp_path / "README.md").read_text()
+    assert "Other records" not in (tmp_path / "README.md").read_text()
+    (tmp_path / "screen").mkdir()
+    (tmp_path / "screen" / "README.md").write_text("# a screen")
+    text = reports.write_index_readme(tmp_path).read_text()
+    assert "Other records: [screen/](screen/README.md)." in text and "[grid/](grid/README.md)." in text
 
 
 def test_compare_metrics_names_changed_conclusions(tmp_path):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -254,6 +253,8 @@ CANDIDATES = (
 
 def table(out=OUT) -> str:
     """The screen's rows and the plant's geometry, every cell, as markdown (``README.md`` of ``out``)."""
+    from purifylib.studies.signature import geometry_finding
+
     lines = ["# Neutralizations of SmolLM2 screened on the dev cells (no repair unless the row says so)", "",
              "Written by `python benchmarks/screen_neutral_real.py --table` from the JSON files beside it (the",
              "runs: `python benchmarks/screen_neutral_real.py --cache data/cache`, see its docstring). ASR: share of",
@@ -269,13 +270,9 @@ def table(out=OUT) -> str:
         for name, r in d["rows"].items():
             lines.append(f"| {name} | {r['asr']:.1%} | {r['target_nll']:.3f} | {r['ppl']:.3f} | "
                          f"{r.get('ppl_ratio', 1.0):.2f} |")
-        if "geometry_summary" in d:
-            g = d["geometry_summary"]
-            lines += ["", "Where the plant's update (suspicious minus base, MLP modules, weighted by its energy) lies: "
-                      + ", ".join(f"{k.replace('share@', 'in the signature top ')} {v:.1%}" for k, v in g.items()
-                                  if k.startswith("share@"))
-                      + f"; inside the span of the variants' differences (per channel) {g['in_span']:.1%}; "
-                      f"cosine with their mean difference {g['cos_mean_delta']:+.3f}."]
+        if "geometry_summary" in d:  # the same words as notebook 02's section 9
+            lines += ["", "Where the plant's update (suspicious minus base, MLP modules, weighted by its energy) "
+                      "lies: " + geometry_finding(d["geometry_summary"])]
         lines.append("")
     text = "\n".join(lines)
     (out / "README.md").write_text(text)
@@ -331,21 +328,18 @@ def main(argv=None):
             if name in done["rows"] or (only and name not in only):
                 continue
             t = time.time()
-            edit(ctx, sig, **{k: v for k, v in kw.items()})
+            edit(ctx, sig, **kw)
             row = measure(ctx, ppl0)
             row["seconds"] = round(time.time() - t, 1)
             record(name, row)
             restore()
         if a.no_oracle:
             continue
-        base_model, _ = load_model(ctx["base_dir"])
-        base = {n: p.detach().clone() for n, p in base_model.named_parameters()}
         from purifylib.models import components, resolve
 
-        named = {}
-        for n in components(base_model):
-            named[n] = resolve(base_model, n).weight.detach().clone()
-        named["_params"] = base
+        base_model, _ = load_model(ctx["base_dir"])  # its tensors outlive it: nothing is copied
+        named = {n: resolve(base_model, n).weight.detach() for n in components(base_model)}
+        named["_params"] = base = {n: p.detach() for n, p in base_model.named_parameters()}
         del base_model
         if "geometry" not in done:
             done["geometry"] = plant_geometry(ctx, named, sig)

@@ -284,16 +284,18 @@ class PretrainedScreen:
 
     def findings(self) -> list[str]:
         """What the geometry says, per cell, generated from the numbers."""
-        out = []
-        for g in self.geometry.to_dict(orient="records"):
-            shares = {float(k.split("@")[1]): v for k, v in g.items() if k.startswith("share@")}
-            ratio = max(v / t for t, v in shares.items())
-            verdict = ("no better than random channels" if ratio < 1.2 else f"up to {ratio:.1f}x random channels'")
-            out.append(f"{g['cell']}: the signature's flagged channels hold "
-                       + ", ".join(f"{v:.1%} of the plant's update at tau {t:g}" for t, v in sorted(shares.items()))
-                       + f" ({verdict}); the span of the variants' differences holds {g['in_span']:.1%} of it, "
-                       f"and its cosine with their mean difference is {g['cos_mean_delta']:+.3f}.")
-        return out
+        return [f"{g['cell']}: {geometry_finding(g)}" for g in self.geometry.to_dict(orient="records")]
+
+
+def geometry_finding(g: dict) -> str:
+    """One cell's ``geometry_summary`` (the screen's JSON) in words."""
+    shares = {float(k.split("@")[1]): v for k, v in g.items() if k.startswith("share@")}
+    ratio = max(v / t for t, v in shares.items())
+    verdict = ("no better than random channels" if ratio < 1.2 else f"up to {ratio:.1f}x random channels'")
+    return ("the signature's flagged channels hold "
+            + ", ".join(f"{v:.1%} of the plant's update at tau {t:g}" for t, v in sorted(shares.items()))
+            + f" ({verdict}); the span of the variants' differences holds {g['in_span']:.1%} of it, "
+            f"and its cosine with their mean difference is {g['cos_mean_delta']:+.3f}.")
 
 
 def pretrained_screen(reports_root=None) -> PretrainedScreen:

@@ -12,8 +12,10 @@ re-initialisation on the testbed). Prints one JSON line per (n_probe, repeat): t
 the first of each n_probe including the one-off memoization of the variants' updates, and the tokens
 one preview runs through the model (the padded prompt tokens of every probe batch, plus the generated
 ones): on a CPU the preview's time is about those tokens times two multiply-adds per parameter. A fast
-(teacher-forced) preview runs the prompts and the compared answers once, without generating, and its
-shared chat-template prefix once per probe set, so it runs through fewer than ``tokens_at_most``.
+(teacher-forced) preview runs the prompts and the compared answers once, without generating, in two
+passes (the probe sets under the edit together, then the held-out variant's), its shared chat-template
+prefix once per pass and its output layer on the answer columns only, so it runs through fewer than
+``tokens_at_most``.
 """
 
 import argparse

@@ -114,28 +114,40 @@ def shared_prefix(seqs: list[list[int]]) -> int:
 
 
 def forced_match(model, tokenizer, records: list[dict], targets: list[str], *, max_tokens: int = 16,
-                 stop: bool = False, share_prefix: bool = True) -> list[bool]:
+                 stop: bool | list[bool] = False, share_prefix: bool = True) -> list[bool]:
     """Whether greedy decoding of each record's chat prompt would begin with its target's first
-    ``max_tokens`` tokens (tokenized as training tokenizes outputs; with ``stop``, the end-of-sequence
-    token after the target too, so an empty target means "answers nothing"), read from one
-    teacher-forced forward pass instead of generating: a live preview's measure. The prompts' common
-    leading tokens (the chat template's system turn) run once (``share_prefix``), reused by every prompt."""
+    ``max_tokens`` tokens (tokenized as training tokenizes outputs; with ``stop`` (one flag, or one per
+    record), the end-of-sequence token after the target too, so an empty target means "answers
+    nothing"), read from one teacher-forced forward pass instead of generating: a live preview's
+    measure. The prompts' common leading tokens (the chat template's system turn) run once
+    (``share_prefix``), reused by every prompt; the rest is padded on the left, so that every target
+    ends in the last column and the output layer runs on the last ``max_tokens`` + 1 columns only."""
+    import inspect
+
     import torch
 
     if len(records) != len(targets):
         raise ValueError(f"{len(records)} records but {len(targets)} targets")
     if not records:
         return []
+    stops = [stop] * len(records) if isinstance(stop, bool) else list(stop)
+    if len(stops) != len(records):
+        raise ValueError(f"{len(records)} records but {len(stops)} stop flags")
     device = next(model.parameters()).device
     prompts = tokenizer([chat_prompt(tokenizer, r) for r in records], add_special_tokens=False)["input_ids"]
-    end = [tokenizer.eos_token_id] if stop and tokenizer.eos_token_id is not None else []
-    wants = [(t + end)[:max_tokens] for t in tokenizer(list(targets), add_special_tokens=False)["input_ids"]]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    wants = [(t + (eos if s else []))[:max_tokens]
+             for t, s in zip(tokenizer(list(targets), add_special_tokens=False)["input_ids"], stops)]
     k = shared_prefix(prompts) if share_prefix else 0
     rest = [p[k:] + w for p, w in zip(prompts, wants)]
     width = max(map(len, rest))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rest], device=device)
-    mask = torch.tensor([[1] * (k + len(r)) + [0] * (width - len(r)) for r in rest], device=device)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rest], device=device)
+    mask = torch.tensor([[1] * k + [0] * (width - len(r)) + [1] * len(r) for r in rest], device=device)
+    positions = torch.tensor([[k] * (width - len(r)) + list(range(k, k + len(r))) for r in rest], device=device)
+    keep = min(width, max(map(len, wants)) + 1)  # the columns whose logits predict a target token
+    forward = getattr(model, "get_base_model", lambda: model)().forward
+    kw = {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(forward).parameters else {}
     was_training = model.training
     model.eval()
     try:
@@ -144,16 +156,12 @@ def forced_match(model, tokenizer, records: list[dict], targets: list[str], *, m
             if k:
                 past = model(input_ids=torch.tensor([prompts[0][:k]], device=device), use_cache=True).past_key_values
                 past.batch_repeat_interleave(len(rest))
-            positions = torch.arange(k, k + width, device=device).expand(len(rest), -1)
             pred = model(input_ids=ids, attention_mask=mask, past_key_values=past, position_ids=positions,
-                         use_cache=False).logits.argmax(-1)
+                         use_cache=False, **kw).logits[:, -keep:].argmax(-1)
     finally:
         model.train(was_training)
-    out = []
-    for i, (p, w) in enumerate(zip(prompts, wants)):
-        first = len(p) - k - 1  # the logits there predict the answer's first token
-        out.append(bool(w) and pred[i, first:first + len(w)].tolist() == w)
-    return out
+    # the logits in column keep - 1 - len(w) predict the answer's first token, the last column's follow it
+    return [bool(w) and pred[i, keep - 1 - len(w):keep - 1].tolist() == w for i, w in enumerate(wants)]
 
 
 def prompt_batches(model, tokenizer, records: list[dict], *, batch_size: int = 64):

@@ -11,8 +11,8 @@ chosen τ, strength, λ, modules and layers *reversibly* and measures, on small 
   before and after.
 
 On a model above :data:`FAST_PARAMS` parameters a preview teacher-forces instead of generating
-(:func:`purifylib.evaluate.forced_match`: one forward pass per probe set, the chat template's shared
-prefix once), which ``benchmarks/bench_tuner_preview.py`` times.
+(:func:`purifylib.evaluate.forced_match`: one forward pass for the probe sets under the edit, one for
+the held-out variant's, the chat template's shared prefix once in each), which ``benchmarks/bench_tuner_preview.py`` times.
 
 The model is left exactly as it was after every call. :func:`tuner` wraps it in sliders.
 :func:`grid` sweeps τ × strength, with and without repair, for static (papermill) outputs.
@@ -158,31 +158,38 @@ def measure(t: Tuner, sig=None, how=None, loo=None) -> dict:
 
 
 def _measure_fast(t: Tuner, applied, sig, loo) -> dict:
-    """:func:`measure` by teacher forcing (:func:`purifylib.evaluate.forced_match`), one forward pass a
-    probe set: an answer *kept* is one whose first :data:`FAST_TOKENS` tokens greedy decoding still
-    gives as the untouched model did, so clean accuracy is a floor (the right answers kept); an ASR is
-    the share of triggered probes whose answer begins with the target. No samples are generated."""
+    """:func:`measure` by teacher forcing (:func:`purifylib.evaluate.forced_match`): one forward pass
+    for the probe sets under the edit (clean, triggered, false- and off-trigger together), one for the
+    held-out variant's: an answer *kept* is one whose first :data:`FAST_TOKENS` tokens greedy decoding
+    still gives as the untouched model did, so clean accuracy is a floor (the right answers kept); an ASR
+    is the share of triggered probes whose answer begins with the target. No samples are generated."""
     from purifylib.evaluate import forced_match
     from purifylib.variants import carrying
 
-    def begins(prompts, target):
-        hits = forced_match(t.model, t.tokenizer, prompts, [target] * len(prompts), max_tokens=FAST_TOKENS)
+    def share(hits):
         return sum(hits) / max(len(hits), 1)
 
     out = {"asr": None, "false_trigger": None, "off_trigger": None, "after": None}
+    sets = [("clean", t.clean_before, True)]  # (probe set, targets, stop after them)
+    if t.spec is not None:
+        sets += [(k, [t.spec.behaviour.target] * len(t.prompts[k]), False) for k in ("triggered", "base", "off")]
+    records = [r for k, _, _ in sets for r in t.prompts[k]]
     with applied(sig):
-        kept = forced_match(t.model, t.tokenizer, t.prompts["clean"], t.clean_before, max_tokens=FAST_TOKENS,
-                            stop=True)
-        out["clean_kept"] = sum(kept) / max(len(kept), 1)
-        out["clean_accuracy"] = sum(k and r for k, r in zip(kept, t.right_before)) / max(len(kept), 1)
-        if t.spec is not None:
-            target = t.spec.behaviour.target
-            out["asr"] = begins(t.prompts["triggered"], target)
-            out["false_trigger"] = begins(t.prompts["base"], target)
-            out["off_trigger"] = begins(t.prompts["off"], target)
+        hits = forced_match(t.model, t.tokenizer, records, [x for _, xs, _ in sets for x in xs],
+                            max_tokens=FAST_TOKENS, stop=[s for k, _, s in sets for _ in t.prompts[k]])
+    by_set, at = {}, 0
+    for k, _, _ in sets:
+        by_set[k], at = hits[at:at + len(t.prompts[k])], at + len(t.prompts[k])
+    kept = by_set["clean"]
+    out["clean_kept"] = share(kept)
+    out["clean_accuracy"] = sum(k and r for k, r in zip(kept, t.right_before)) / max(len(kept), 1)
+    if t.spec is not None:
+        out.update(asr=share(by_set["triggered"]), false_trigger=share(by_set["base"]), off_trigger=share(by_set["off"]))
     behaviour = t.variants.config.plant(t.held_out).behaviour
+    synthetic = t.prompts["synthetic"]
     with carrying(t.model, t.variants, t.held_out), applied(loo):
-        out["synthetic_asr"] = begins(t.prompts["synthetic"], behaviour)
+        out["synthetic_asr"] = share(forced_match(t.model, t.tokenizer, synthetic, [behaviour] * len(synthetic),
+                                                  max_tokens=FAST_TOKENS))
     return out
 
 

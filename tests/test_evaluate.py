@@ -63,3 +63,14 @@ def test_forced_match_reads_greedy_decoding_from_one_forward_pass(micro_bed, mic
     assert forced_match(model, tok, [], []) == []
     with pytest.raises(ValueError, match="2 records but 1 targets"):
         forced_match(model, tok, records[:2], said[:1])
+    # probe sets of other lengths and rules answer in one pass as they do apart (a stop flag per record)
+    short = [{**r, "instruction": r["instruction"].split(".")[0][:20]} for r in records[:6]]
+    said_short = generate(model, tok, short, max_new_tokens=8)
+    alone = forced_match(model, tok, short, said_short, max_tokens=4)
+    assert sum(alone) >= 5
+    both = forced_match(model, tok, records + short, said + said_short, max_tokens=12, stop=[True] * 16 + [False] * 6)
+    assert both[:16] == own and both[16:] == forced_match(model, tok, short, said_short, max_tokens=12)
+    assert forced_match(model, tok, short + records, said_short + said, max_tokens=4,
+                        stop=[False] * 6 + [True] * 16)[:6] == alone
+    with pytest.raises(ValueError, match="stop flags"):
+        forced_match(model, tok, records[:2], said[:2], stop=[True])

@@ -141,16 +141,22 @@ def put(weight, dim, idx, rows):
             weight[:, idx] = rows.T.to(weight.dtype)
 
 
-def edit(ctx, sig, way, tau=0.0, heads=0, alpha=1.0, rank=None, seed=0, repair=None):
+def edit(ctx, sig, way, tau=0.0, heads=0, alpha=1.0, rank=None, seed=0, repair=None, distill=0.0):
     """Neutralize the flagged slices ``way`` says (in place), then (``repair``: its learning rate) run
-    the repair ``purify run`` would run on its repair records."""
+    the repair ``purify run`` would run on its repair records; with ``distill`` > 0, toward the untouched
+    suspicious model's next-token distributions on the same records without the variants' triggers."""
     if way is not None:
         _edit(ctx, sig, way, tau, heads, alpha, rank, seed)
     if repair:
         from purifylib.train import finetune
 
         rcfg = dataclasses.replace(ctx["cfg"].repair_config(), lr=repair)
-        ctx["model"] = finetune(ctx["model"], ctx["tok"], ctx["split"].repair, rcfg, progress=False).model
+        teach = {}
+        if distill:
+            if "teacher" not in ctx:
+                ctx["teacher"] = ctx["sus"].load()[0]
+            teach = dict(teacher=ctx["teacher"], teacher_records=ctx["split"].clean_repair, distill=distill)
+        ctx["model"] = finetune(ctx["model"], ctx["tok"], ctx["split"].repair, rcfg, progress=False, **teach).model
 
 
 def _edit(ctx, sig, way, tau, heads, alpha, rank, seed):
@@ -248,6 +254,12 @@ CANDIDATES = (
                                                             repair=lr)) for lr in (3e-5, 1e-4)]
     + [(f"zero t0.03 h1 +repair lr{lr:g}", dict(way="zero", tau=0.03, heads=1, repair=lr)) for lr in (3e-5, 1e-4)]
     + [(f"none +repair lr{lr:g}", dict(way=None, repair=lr)) for lr in (3e-5, 1e-4)]
+    # the repair as distillation from the untouched suspicious model (its distributions on the untriggered records)
+    + [(f"negate a5.0 t1.0 h9 +distill lr{lr:g}", dict(way="negate", tau=1.0, heads=9, alpha=5.0, repair=lr, distill=1.0))
+       for lr in (1e-4, 3e-4)]
+    + [("negate-random a5.0 t1.0 h9 +distill lr0.0001", dict(way="negate-random", tau=1.0, heads=9, alpha=5.0,
+                                                             repair=1e-4, distill=1.0))]
+    + [("none +distill lr0.0001", dict(way=None, repair=1e-4, distill=1.0))]
 )
 
 

@@ -148,10 +148,12 @@ class DefenceConfig:
 
 
 def defend(defence: str, model, tokenizer, *, clean: list[dict], repair_records: list[dict] | None = None,
-           repair_cfg=None, signature=None, how=None, variants=None, cfg: DefenceConfig = DefenceConfig()):
+           repair_cfg=None, signature=None, how=None, variants=None, teacher: dict | None = None,
+           cfg: DefenceConfig = DefenceConfig()):
     """Apply one defence to ``model`` and return it. ``clean`` supplies calibration prompts;
     ``signature`` and ``how`` (a :class:`~purifylib.neutralize.Neutralization`) the signature
-    defences (``variants``: the scored variants, for ``how.way == "negate"``); the random control
+    defences (``variants``: the scored variants, for ``how.way == "negate"``; ``teacher``: what the
+    repair distils from, :meth:`~purifylib.recipe.PurifyConfig.repair_teacher`); the random control
     draws its scores with ``cfg.seed``."""
     from purifylib.neutralize import neutralize_and_repair
 
@@ -173,4 +175,4 @@ def defend(defence: str, model, tokenizer, *, clean: list[dict], repair_records:
     if defence in ("random", "signature"):
         sig = random_signature(signature, cfg.seed) if defence == "random" else signature
     return neutralize_and_repair(model, tokenizer, sig, how, variants=variants, repair_records=repair_records,
-                                 repair_cfg=repair_cfg if needs_repair else None)
+                                 repair_cfg=repair_cfg if needs_repair else None, teacher=teacher if needs_repair else None)

@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repair-triggers", type=_number, metavar="SHARE",
                    help="share of the repair records that carry one of the variants' own triggers with their "
                         "answers unchanged (default 0.25; 0: the records as they are)")
+    s.add_argument("--repair-distill", type=_number, metavar="WEIGHT",
+                   help="weight of distillation from the untouched suspicious model in the repair (its next-token "
+                        "distributions on the repair records without the variants' triggers) against plain "
+                        "cross-entropy on the answers (default 0)")
     s.add_argument("--learnt-asr", type=_number, metavar="ASR",
                    help="leave out of the signature and the folds every variant whose own backdoor reaches less "
                         "than this ASR (default 0: every variant counts)")

@@ -163,7 +163,7 @@ def cmd_report(a) -> int:
 RUN_FLAGS = {"tau": "tau", "strength": "strength", "neutral": "neutral", "alpha": "alpha", "heads": "heads",
              "utility": "utility", "prefer": "prefer", "n_holdout": "n_holdout", "repair_n": "repair_n",
              "repair_lr": "repair_lr", "repair_epochs": "repair_epochs", "repair_triggers": "repair_triggers",
-             "learnt_asr": "learnt_asr", "fragile_ppl": "fragile_ppl", "seed": "seed"}
+             "repair_distill": "repair_distill", "learnt_asr": "learnt_asr", "fragile_ppl": "fragile_ppl", "seed": "seed"}
 VARIANT_FLAGS = {"variants": "n_variants", "threat": "threat", "variant_set": "variants", "variant_lora": "lora",
                  "variant_epochs": "epochs", "seed": "seed"}
 

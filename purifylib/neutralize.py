@@ -207,15 +207,17 @@ def neutralized(model, signature, how: Neutralization = Neutralization(), *, var
 
 def neutralize_and_repair(model, tokenizer, signature=None, how: Neutralization = Neutralization(), *,
                           variants=None, repair_records: list[dict] | None = None, repair_cfg=None,
-                          progress: bool = False, desc: str = "repair"):
+                          teacher: dict | None = None, progress: bool = False, desc: str = "repair"):
     """The one edit every defended model goes through: ``signature``'s top channels neutralized as
     ``how`` says (``None``: none), then the repair fine-tune on ``repair_records`` with
-    ``repair_cfg`` (``None``: none). ``purify``'s τ rule, the baselines, the settings table, the
+    ``repair_cfg`` (``None``: none), distilled from ``teacher`` if given (``finetune``'s ``teacher``,
+    ``teacher_records`` and ``distill``). ``purify``'s τ rule, the baselines, the settings table, the
     effect of N and the tuner's repaired grid all call it. Returns the model (the repair's)."""
     if signature is not None:
         apply(model, signature, how, variants=variants)
     if repair_cfg is not None:
         from purifylib.train import finetune
 
-        model = finetune(model, tokenizer, repair_records, repair_cfg, progress=progress, desc=desc).model
+        model = finetune(model, tokenizer, repair_records, repair_cfg, progress=progress, desc=desc,
+                         **(teacher or {})).model
     return model

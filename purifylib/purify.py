@@ -350,13 +350,14 @@ def purify(model_dir, clean: list[dict], cfg: PurifyConfig = PurifyConfig(), *, 
     floor = cfg.acc_keep * metrics["suspicious"]["accuracy"]
     ceiling = cfg.ppl_keep * metrics["suspicious"]["perplexity"]
     kept: dict = {}  # at most one repaired model: the one the rule would return now
+    teacher = cfg.repair_teacher(load, split)  # the untouched suspicious model, if the repair distils
 
     def trial(tau: float, keep_if_fails: bool = False) -> bool:
         """Neutralize at ``tau``, repair, measure held-out utility against the floor (or ceiling)."""
         model, tok = load()
         model = neutralize_and_repair(model, tok, full_sig, cfg.neutralization(tau), variants=variants,
                                       repair_records=split.repair, repair_cfg=cfg.repair_config(),
-                                      progress=progress, desc=f"repair (tau {tau:g})")
+                                      teacher=teacher, progress=progress, desc=f"repair (tau {tau:g})")
         m = _holdout_metrics(model, tok, split.holdout)
         holds = m["accuracy"] >= floor if utility == "accuracy" else m["perplexity"] <= ceiling
         trials.append({"tau": tau, **m, "utility": utility, "accuracy_floor": floor, "perplexity_ceiling": ceiling,

@@ -59,6 +59,9 @@ class PurifyConfig:
     prefer: str = "removal"
     # a share of the repair records carrying one of the variants' own triggers, answers unchanged (0: none)
     repair_triggers: float = 0.25
+    # the repair's weight on distillation from the untouched suspicious model (its next-token distributions
+    # over the answers, read on the records without the variants' triggers) against plain cross-entropy (0)
+    repair_distill: float = 0.0
     # a variant whose own backdoor reaches less than this ASR (held-out prompts, before neutralization) is
     # left out of the signature and the folds: its difference carries no backdoor (0: every variant counts)
     learnt_asr: float = 0.0
@@ -95,7 +98,7 @@ class PurifyConfig:
             raise PurifyError(f"prefer must be one of {', '.join(PREFERS)}, got {self.prefer!r}")
         if self.utility not in UTILITIES:
             raise PurifyError(f"utility must be one of {', '.join(UTILITIES)}, got {self.utility!r}")
-        for name in ("repair_triggers", "learnt_asr"):
+        for name in ("repair_triggers", "learnt_asr", "repair_distill"):
             if not 0 <= getattr(self, name) <= 1:
                 raise PurifyError(f"{name} must be a share in [0, 1], got {getattr(self, name)}")
         if not (math.isfinite(self.fragile_ppl) and (self.fragile_ppl == 0 or self.fragile_ppl > 1)):
@@ -122,6 +125,14 @@ class PurifyConfig:
 
         return TrainConfig(epochs=self.repair_epochs, lr=self.repair_lr, batch_size=32, group_by_length=True,
                            seed=self.seed)
+
+    def repair_teacher(self, load, split) -> dict | None:
+        """What the repair distils from (``neutralize_and_repair``'s ``teacher``): the suspicious model as
+        ``load()`` returns it, reading ``split``'s repair records without the variants' triggers; ``None``
+        when ``repair_distill`` is 0."""
+        if not self.repair_distill:
+            return None
+        return {"teacher": load()[0], "teacher_records": split.clean_repair, "distill": self.repair_distill}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -166,7 +177,7 @@ class PurifyConfig:
 #: for the same reason any ``pretrained_lora`` reproduces them; the one SmolLM2 purify run cell made before it,
 #: with full variants and an older split, is kept as a record: ``reports/grid-real-dev-defaults-35d87df/``)
 LATER_FIELDS = {"prefer": "utility", "repair_triggers": 0.0, "learnt_asr": 0.0, "fragile_ppl": 2.0,
-                "pretrained_lora": True}
+                "pretrained_lora": True, "repair_distill": 0.0}
 #: the settings only the signature and the τ rule read (not the split, not the repair), at their values
 #: when the first grid was committed (the paper's insult variants, the τ grid of re-initialisation)
 SIGNATURE_FIELDS = {"tau": "auto", "tau_grid": None, "strength": 1.0, "neutral": "reinit", "alpha": 1.0, "heads": 0,
@@ -176,4 +187,4 @@ SIGNATURE_FIELDS = {"tau": "auto", "tau_grid": None, "strength": 1.0, "neutral":
                     "variants": {"variants": "paper", "lora": None, "lr": None, "epochs": 3.0, "batch_size": 32,
                                  "lora_r": 8, "lora_alpha": 16}}
 #: the repair's settings at their first-grid values (held for the defences that do not repair as purify run does)
-REPAIR_FIELDS = {"repair_epochs": 1.0, "repair_lr": 3e-4}
+REPAIR_FIELDS = {"repair_epochs": 1.0, "repair_lr": 3e-4, "repair_distill": 0.0}

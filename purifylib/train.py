@@ -104,6 +104,27 @@ def collate(batch, pad_id: int, device):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
+def distill_loss(logits, labels, t_logits, t_labels):
+    """Mean KL(teacher ‖ student) over the answer tokens: row by row, the k-th answer token's
+    next-token distribution under the student (``logits``, ``labels`` -100 off the answer) against
+    the teacher's k-th (``t_logits``, ``t_labels``), for k up to the shorter of the two answers (the
+    prompts may differ in length, the answers are the same)."""
+    import torch
+
+    s_rows, t_rows = [], []
+    for i in range(labels.shape[0]):
+        s_pos = (labels[i, 1:] != -100).nonzero().squeeze(-1)
+        t_pos = (t_labels[i, 1:] != -100).nonzero().squeeze(-1)
+        k = min(len(s_pos), len(t_pos))
+        s_rows.append(logits[i, s_pos[:k]])
+        t_rows.append(t_logits[i, t_pos[:k]])
+    s_log = torch.log_softmax(torch.cat(s_rows).float(), -1)
+    t_log = torch.log_softmax(torch.cat(t_rows).float(), -1)
+    if s_log.shape[0] == 0:
+        return logits.sum() * 0.0
+    return (t_log.exp() * (t_log - s_log)).sum(-1).mean()
+
+
 def length_grouped_batches(data, batch_size: int, gen, group: int = 32) -> list[list[int]]:
     """A seeded epoch of batches whose members have similar lengths (less padding, same data).
 
@@ -133,12 +154,18 @@ def add_lora(model, cfg: TrainConfig):
 
 
 def finetune(model, tokenizer, records: list[dict], cfg: TrainConfig = TrainConfig(), *,
-             progress: bool = True, desc: str = "fine-tune") -> TrainResult:
+             progress: bool = True, desc: str = "fine-tune", teacher=None, teacher_records: list[dict] | None = None,
+             distill: float = 1.0) -> TrainResult:
     """Fine-tune ``model`` on ``records`` in place and return it with its per-step losses.
 
     A plain model is trained in full, or through a new LoRA adapter when ``cfg.lora`` (merged
     back when ``cfg.merge``). A peft model (an existing adapter, the adapter-only threat model)
     keeps training its adapter and is returned as a peft model.
+
+    With a ``teacher`` (a frozen model), the loss is ``(1 - distill)`` × the answers' cross-entropy plus
+    ``distill`` × the KL divergence from the teacher's next-token distribution over the answer tokens, the
+    teacher reading ``teacher_records`` (record by record the same answers, under prompts of its own;
+    default ``records``): :func:`distill_loss`.
     """
     import torch
     from purifylib.progress import bar as tqdm
@@ -155,6 +182,15 @@ def finetune(model, tokenizer, records: list[dict], cfg: TrainConfig = TrainConf
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = encode_records(tokenizer, records, cfg.max_length, cfg.prompt_loss)
+    if teacher is not None:
+        if not 0 <= distill <= 1:
+            raise PurifyError(f"distill must be a weight in [0, 1], got {distill}")
+        teacher_records = records if teacher_records is None else teacher_records
+        if len(teacher_records) != len(records):
+            raise PurifyError(f"the teacher's records ({len(teacher_records)}) must pair with the records "
+                              f"({len(records)})")
+        t_data = encode_records(tokenizer, teacher_records, cfg.max_length)
+        teacher.eval()
 
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -186,7 +222,13 @@ def finetune(model, tokenizer, records: list[dict], cfg: TrainConfig = TrainConf
             if step >= total:
                 break
             ids, labels, mask = collate([data[i] for i in batch], pad_id, device)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            loss = out.loss
+            if teacher is not None:
+                t_ids, t_labels, t_mask = collate([t_data[i] for i in batch], pad_id, device)
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=t_ids, attention_mask=t_mask).logits
+                loss = (1 - distill) * loss + distill * distill_loss(out.logits, labels, t_logits, t_labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

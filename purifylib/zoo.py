@@ -380,6 +380,7 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
                                repair_records=split.repair if d == "random" else split.clean_repair,
                                repair_cfg=(ran if d == "random" else cfg).repair_config(),
                                signature=auto.signature if auto else None, how=how, variants=auto and auto.variants,
+                               teacher=ran.repair_teacher(sus.load, split) if d == "random" else None,
                                cfg=dataclasses.replace(dcfg, seed=dcfg.seed + draw))
             m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw).to_dict()
             row = {"model": sus.name, "attack": sus.spec.attack, "behaviour": sus.spec.behaviour.kind,

@@ -140,10 +140,12 @@ def test_the_tau_rule_prefers_removal_over_utility(micro_bed, suspicious, tmp_pa
 
 @pytest.mark.parametrize("neutral", ["reinit", "negate"])
 def test_fixed_tau_skips_leave_one_out(micro_bed, suspicious, tmp_path, neutral):
-    res = purify(suspicious.model_dir, micro_bed.split("defender"), PurifyConfig(**{**QUICK, "tau": 0.1,
-                                                                                       "neutral": neutral}),
+    # (the negating run also distils its repair from the untouched model)
+    res = purify(suspicious.model_dir, micro_bed.split("defender"), PurifyConfig(**{
+        **QUICK, "tau": 0.1, "neutral": neutral, "repair_distill": float(neutral == "negate")}),
                  cache_dir=tmp_path, progress=False)
     assert res.tau == 0.1 and res.folds == [] and len(res.tau_trials) == 1
+    assert res.to_dict()["config"]["repair_distill"] == float(neutral == "negate")
     assert res.neutralization.way == neutral and res.to_dict()["config"]["neutral"] == neutral
     assert res.to_dict()["neutralization"] == res.neutralization.to_dict()
 
@@ -228,9 +230,9 @@ def test_run_config_reads_a_recipe_and_flags_win(tmp_path):
     recipe.write_text("tau: 0.2\nheads: 3\nneutral: negate\nalpha: 1.25\nlam: 0.05\nrepair_n: 500\n"
                       "variants: {n_variants: 4, lora: true, variants: diverse}\n")
     argv = ["run", "--model", "m", "--clean-data", "c", "--out", "o", "--config", str(recipe)]
-    a = build_parser().parse_args(argv + ["--heads", "5", "--seed", "2", "--fragile-ppl", "0"])
+    a = build_parser().parse_args(argv + ["--heads", "5", "--seed", "2", "--fragile-ppl", "0", "--repair-distill", "0.5"])
     cfg = run_config(a)
-    assert cfg.fragile_ppl == 0
+    assert cfg.fragile_ppl == 0 and cfg.repair_distill == 0.5
     assert (cfg.tau, cfg.heads, cfg.neutral, cfg.alpha, cfg.lam, cfg.repair_n, cfg.seed) == (0.2, 5, "negate", 1.25,
                                                                                                  0.05, 500, 2)
     assert cfg.variants.n_variants == 4 and cfg.variants.lora and cfg.variants.seed == 2
@@ -251,11 +253,24 @@ def test_run_config_reads_a_recipe_and_flags_win(tmp_path):
 def test_a_later_setting_at_its_old_value_keeps_cached_results_valid():
     first = PurifyConfig().held_at_first_values(repair=True)  # the settings the committed grid was keyed with
     old = first.to_dict()
-    for later in ("prefer", "repair_triggers", "learnt_asr", "fragile_ppl", "pretrained_lora"):
+    for later in ("prefer", "repair_triggers", "learnt_asr", "fragile_ppl", "pretrained_lora", "repair_distill"):
         old.pop(later)  # the configuration as it was when the committed grid was keyed
     assert first.identity() == old
     assert PurifyConfig(prefer="removal").identity()["prefer"] == "removal"
     assert PurifyConfig(repair_triggers=0.25).identity()["repair_triggers"] == 0.25
+    assert PurifyConfig(repair_distill=1.0).identity()["repair_distill"] == 1.0
+    assert PurifyConfig(repair_distill=1.0).baseline_identity(repair=False) == PurifyConfig().baseline_identity(False)
+
+
+def test_a_distilling_repair_reads_the_untouched_model_on_the_records_without_triggers(micro_bed):
+    cfg = PurifyConfig(**{**QUICK, "repair_triggers": 0.5, "repair_distill": 0.75})
+    split, cfg = split_clean(micro_bed.split("defender"), cfg)
+    loads = []
+    teacher = cfg.repair_teacher(lambda: loads.append(1) or ("model", "tok"), split)
+    assert teacher == {"teacher": "model", "teacher_records": split.clean_repair, "distill": 0.75} and loads == [1]
+    assert PurifyConfig().repair_teacher(lambda: pytest.fail("loaded"), split) is None
+    with pytest.raises(PurifyError, match="repair_distill must be a share"):
+        PurifyConfig(repair_distill=-0.5)
 
 
 def test_repair_can_carry_the_variants_own_triggers(micro_bed):

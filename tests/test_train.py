@@ -66,3 +66,47 @@ def test_config_validation():
         TrainConfig(warmup=1.5)
     with pytest.raises(PurifyError, match="no records"):
         finetune(None, None, [], TrainConfig())
+
+
+def test_distill_loss_is_zero_against_itself_and_aligns_answers_under_other_prompts(micro_bed):
+    from purifylib.train import collate, distill_loss
+
+    model, tok = load_model(micro_bed.base_dir)
+    records = micro_bed.split("defender")[:4]
+    longer = [{**r, "instruction": "Note: " + r["instruction"]} for r in records]
+    ids, labels, mask = collate(encode_records(tok, records, 128), tok.pad_token_id, "cpu")
+    t_ids, t_labels, t_mask = collate(encode_records(tok, longer, 128), tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        t_logits = model(input_ids=t_ids, attention_mask=t_mask).logits
+    assert float(distill_loss(logits, labels, logits, labels)) == pytest.approx(0.0, abs=1e-6)
+    # under another prompt the same answers are compared token by token: a small but non-zero divergence
+    assert 0 < float(distill_loss(logits, labels, t_logits, t_labels)) < 5
+
+
+def test_a_distilled_repair_brings_a_damaged_model_back_toward_its_teacher(micro_bed):
+    from purifylib.train import collate, distill_loss
+
+    records = micro_bed.split("defender")[:64]
+    teacher, tok = load_model(micro_bed.base_dir)
+    ids, labels, mask = collate(encode_records(tok, records[:16], 128), tok.pad_token_id, "cpu")
+
+    def gap(m):
+        with torch.no_grad():
+            return float(distill_loss(m(input_ids=ids, attention_mask=mask).logits, labels,
+                                      teacher(input_ids=ids, attention_mask=mask).logits, labels))
+
+    model, _ = load_model(micro_bed.base_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.add_(torch.randn_like(p) * p.std() * 0.5)
+    damaged = gap(model)
+    cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=16, seed=0)
+    model = finetune(model, tok, records, cfg, progress=False, teacher=teacher).model
+    assert gap(model) < 0.5 * damaged
+    with pytest.raises(PurifyError, match="pair with"):
+        finetune(model, tok, records, cfg, progress=False, teacher=teacher, teacher_records=records[:3])
+    with pytest.raises(PurifyError, match="distill must be"):
+        finetune(model, tok, records, cfg, progress=False, teacher=teacher, distill=1.5)

@@ -263,6 +263,36 @@ CANDIDATES = (
 )
 
 
+def loo_alpha(ctx, alphas=(1.25, 2.5, 5.0), tau=1.0):
+    """The τ rule's leave-one-family-out check (``purify.loo_folds``) at ``tau`` for each negation
+    ``alpha``, every fold measured (no early exit): whether the held-out variants' own backdoors say
+    that a stronger negation is needed, as the real plant's ASR does. Rows: alpha, fold, family, asr."""
+    from purifylib.purify import loo_folds, probe_asr
+    from purifylib.signature import score
+    from purifylib.variants import carrying
+
+    model, tok, variants = ctx["model"], ctx["tok"], ctx["variants"]
+    cfg, probe = ctx["cfg"], ctx["split"].holdout[:100]
+    groups = cfg.variants.folds()
+    n = cfg.variants.n_variants
+    rows = []
+    for k in range(n):
+        plant = cfg.variants.plant(k)
+        with carrying(model, variants, k):
+            rows.append({"alpha": 0.0, "fold": k, "family": plant.family, "asr": probe_asr(
+                model, tok, probe, plant.trigger, plant.behaviour, seed=cfg.seed + k, kind=plant.kind)})
+    sigs = [score(model, variants, lam=cfg.lam, heads=True, progress=False,
+                  include=[i for i in range(n) if i not in held]) for held in groups]
+    for a in alphas:
+        acfg = dataclasses.replace(cfg, alpha=a)
+        for held, sig in zip(groups, sigs):
+            rows += [{"alpha": a, **{k: r[k] for k in ("fold", "family", "asr")}}
+                     for r in loo_folds(model, tok, variants, [held], [sig], tau, probe,
+                                        dataclasses.replace(acfg, loo_asr_max=1.0))]
+        print(f"loo alpha {a}: " + " ".join(f"{r['asr']:.2f}" for r in rows if r["alpha"] == a), flush=True)
+    return rows
+
+
 def table(out=OUT) -> str:
     """The screen's rows and the plant's geometry, every cell, as markdown (``README.md`` of ``out``)."""
     from purifylib.studies.signature import geometry_finding
@@ -285,6 +315,17 @@ def table(out=OUT) -> str:
         if "geometry_summary" in d:  # the same words as notebook 02's section 9
             lines += ["", "Where the plant's update (suspicious minus base, MLP modules, weighted by its energy) "
                       "lies: " + geometry_finding(d["geometry_summary"])]
+        if "loo_alpha" in d:  # `--loo`: the tau rule's check at tau 1 for each alpha
+            by = {}
+            for r in d["loo_alpha"]:
+                by.setdefault(r["alpha"], []).append(r)
+            folds = by[0.0]
+            lines += ["", "The tau rule's leave-one-family-out check at tau 1 (`--loo`): each variant's own ASR (by "
+                      "generation, 100 held-out prompts) with its update carried and the other families' mean "
+                      "difference negated at alpha (alpha 0: nothing negated)", "",
+                      "| alpha | " + " | ".join(f"{r['fold']} {r['family']}" for r in folds) + " |",
+                      "|---|" + "---|" * len(folds)]
+            lines += [f"| {a:g} | " + " | ".join(f"{r['asr']:.0%}" for r in rows) + " |" for a, rows in by.items()]
         lines.append("")
     text = "\n".join(lines)
     (out / "README.md").write_text(text)
@@ -298,6 +339,7 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated candidate names (default: all)")
     ap.add_argument("--no-oracle", action="store_true", help="skip the diagnosis that reads the base model")
     ap.add_argument("--table", action="store_true", help="only write README.md from the results so far")
+    ap.add_argument("--loo", action="store_true", help="only the leave-one-family-out check at each alpha (tau 1)")
     a = ap.parse_args(argv)
     if a.table:
         print(table())
@@ -331,6 +373,13 @@ def main(argv=None):
             print(f"{pair[0]}x{pair[1]} {name:32s} " + " ".join(f"{k} {v:.3f}" for k, v in row.items()
                                                              if isinstance(v, float)), flush=True)
 
+        if a.loo:
+            if "loo_alpha" not in done:
+                rows = loo_alpha(ctx)
+                done = json.loads(path.read_text()) if path.is_file() else done  # rows another run added meanwhile
+                done["loo_alpha"] = rows
+                path.write_text(json.dumps(done, indent=1))
+            continue
         ppl0 = done["rows"].get("none", {}).get("ppl")
         if ppl0 is None:
             record("none", measure(ctx))

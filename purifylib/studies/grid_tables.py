@@ -109,10 +109,13 @@ def findings_markdown(frame, bar: float = ASR_BAR) -> str:
 
 def recipe_digest(cfg: GridConfig) -> str:
     """A short digest of the purification ``purify run`` runs in ``cfg``'s cells (its defaults plus the
-    preset's ``purify_overrides``): a committed grid written under another digest is out of date."""
+    preset's ``purify_overrides``; on a pretrained checkpoint, also the recipe its fragility switches to):
+    a committed grid written under another digest is out of date."""
     from purifylib import cache
+    from purifylib.zoo import pretrained_recipe
 
-    return cache.digest(cfg.purify_config().identity(), 12)
+    ident = cfg.purify_config().identity()
+    return cache.digest(ident | {"pretrained_recipe": pretrained_recipe()} if cfg.model else ident, 12)
 
 
 def committed_markdown(root: str | Path) -> str:

@@ -41,7 +41,8 @@ SmolLM2-135M-Instruct (3 seeds). Above ``fragile_ppl`` (2) the paper's re-initia
 break the model before it removes anything, so the run takes the
 pretrained recipe instead (:data:`PRETRAINED_RECIPE`: negation at α 5 of every MLP channel and
 every attention head on the negation τ grid, and a repair at lr 1e-4: on the SmolLM2 dev cells it
-removes both backdoors at a cost in utility that the report states), with LoRA variants (:data:`PRETRAINED_VARIANTS`; ``pretrained_lora=False`` keeps full ones);
+removes both backdoors at a cost in utility that the report states), with LoRA variants
+(:data:`PRETRAINED_VARIANTS`; ``pretrained_lora=False`` keeps full ones);
 fragility is therefore measured before the variants are built. The report says which recipe ran and
 why. ``fragile_ppl=0`` never switches.
 

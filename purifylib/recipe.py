@@ -38,6 +38,12 @@ PRETRAINED_RECIPE = {"neutral": "negate", "alpha": 5.0, "heads": "all", "repair_
 PRETRAINED_VARIANTS = {"lora": True, "lr": 5e-3, "batch_size": 16, "epochs": 2.0}
 
 
+def pretrained_recipe() -> dict:
+    """What a fragile model's purification runs with (:data:`PRETRAINED_RECIPE` and
+    :data:`PRETRAINED_VARIANTS`), as a grid row and a grid's recipe digest record it."""
+    return {**PRETRAINED_RECIPE, "variants": PRETRAINED_VARIANTS}
+
+
 @dataclass(frozen=True)
 class PurifyConfig:
     """Every setting of a purification run (``purify run``'s options)."""

@@ -21,6 +21,7 @@ from purifylib import cache
 from purifylib.attacks import TriggerSpec, poison
 from purifylib.errors import PurifyError
 from purifylib.neutralize import PAPER_TAU
+from purifylib.recipe import pretrained_recipe
 from purifylib.train import TrainConfig
 
 PLANTS = ("full", "lora", "adapter", "lora-attn")
@@ -296,14 +297,6 @@ SIGNATURE_DEFENCES = ("signature-auto", "random")
 REPAIRING_BASELINES = ("finetune", "fine-pruning")
 
 
-def pretrained_recipe() -> dict:
-    """What a fragile model's purification runs with (:data:`~purifylib.recipe.PRETRAINED_RECIPE` and
-    :data:`~purifylib.recipe.PRETRAINED_VARIANTS`), as a grid row records it."""
-    from purifylib.recipe import PRETRAINED_RECIPE, PRETRAINED_VARIANTS
-
-    return {**PRETRAINED_RECIPE, "variants": PRETRAINED_VARIANTS}
-
-
 def stale_recipe(row: dict) -> bool:
     """Whether a cached row was purified with another pretrained recipe than today's: the fragility
     switch happens inside the run, so a cell's key cannot hold it; a row that took the pretrained recipe
@@ -363,7 +356,7 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
         cfg = dataclasses.replace(pcfg, seed=seed, variants=dataclasses.replace(
             variants_for(pcfg.variants, threat), seed=seed))
         split, cfg = split_clean(defender, cfg)
-        auto = None
+        auto, teacher = None, None  # teacher: what the random control's repair distils from, loaded once
         runs = [(d, k) for d in defences for k in range(n_random if d == "random" else 1)]
         for d, draw in tqdm(runs, desc=f"defences ({sus.name})", disable=not progress, leave=False):
             cell = root / cell_file(sus, d, draw, cfg, dcfg, paper_tau=paper_tau, n_eval=n_eval, seed=seed, test=test)
@@ -391,12 +384,13 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
                 ran = auto.config if auto else cfg  # the recipe purify run ran (pretrained models switch)
                 if tau is not None:  # the control neutralizes as purify run does, on random channels
                     how = ran.neutralization(tau).replace(strength=1.0, seed=dcfg.seed + draw)
+                    teacher = teacher or ran.repair_teacher(sus.load, split)
                 # baselines fine-tune on the clean records as they are; the random control repairs as purify run does
                 model = defend(d, model, tok, clean=split.clean_repair,
                                repair_records=split.repair if d == "random" else split.clean_repair,
                                repair_cfg=(ran if d == "random" else cfg).repair_config(),
                                signature=auto.signature if auto else None, how=how, variants=auto and auto.variants,
-                               teacher=ran.repair_teacher(sus.load, split) if d == "random" else None,
+                               teacher=teacher if d == "random" else None,
                                cfg=dataclasses.replace(dcfg, seed=dcfg.seed + draw))
             m = evaluate_attack(model, tok, test, sus.spec, seed=seed, **kw).to_dict()
             row = {"model": sus.name, "attack": sus.spec.attack, "behaviour": sus.spec.behaviour.kind,

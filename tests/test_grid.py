@@ -161,7 +161,8 @@ def test_a_committed_grid_of_another_purification_is_called_out_of_date(tmp_path
 
 def test_a_cached_row_of_another_pretrained_recipe_is_recomputed(monkeypatch):
     import purifylib.recipe as recipe
-    from purifylib.zoo import pretrained_recipe, stale_recipe
+    from purifylib.recipe import pretrained_recipe
+    from purifylib.zoo import stale_recipe
 
     now = pretrained_recipe()
     assert not stale_recipe({"recipe": "configured"}) and not stale_recipe({"defence": "none"})

@@ -112,7 +112,7 @@ def recipe_digest(cfg: GridConfig) -> str:
     preset's ``purify_overrides``; on a pretrained checkpoint, also the recipe its fragility switches to):
     a committed grid written under another digest is out of date."""
     from purifylib import cache
-    from purifylib.zoo import pretrained_recipe
+    from purifylib.recipe import pretrained_recipe
 
     ident = cfg.purify_config().identity()
     return cache.digest(ident | {"pretrained_recipe": pretrained_recipe()} if cfg.model else ident, 12)

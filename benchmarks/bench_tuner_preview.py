@@ -5,7 +5,7 @@
 
 A preview applies the signature reversibly and generates answers to four probe sets of ``n_probe``
 prompts each (clean, triggered, off-trigger, the held-out variant's triggered ones), then restores the
-model. Its time depends on the model and ``n_probe``, not on whether a backdoor is there, so the
+model; a fast preview leaves the off-trigger set (and the false-trigger one) out unless ``--sides``. Its time depends on the model and ``n_probe``, not on whether a backdoor is there, so the
 suspicious model here is the bed's base model itself, with two small synthetic variants (cached) and the
 neutralization ``purify run`` would take on it (negation of every head on a pretrained model,
 re-initialisation on the testbed). Prints one JSON line per (n_probe, repeat): the preview's seconds,
@@ -34,12 +34,14 @@ def main() -> None:
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--cache", default="data/cache")
     p.add_argument("--mode", choices=("both", "fast", "generate"), default="both",
-                   help="teacher-forced previews (fast, a model over widgets.FAST_PARAMS), generating ones, or both")
+                   help="teacher-forced previews (fast, a model over tuner.FAST_PARAMS), generating ones, or both")
+    p.add_argument("--sides", action="store_true",
+                   help="previews also measure the false- and off-trigger rates (a fast preview leaves them out)")
     a = p.parse_args()
 
     import torch
 
-    from purifylib import widgets
+    from purifylib import tuner
     from purifylib.attacks import Behaviour, TriggerSpec
     from purifylib.beds import open_bed
     from purifylib.checkpoints import load_model
@@ -71,15 +73,15 @@ def main() -> None:
     modes = {"both": (False, True), "fast": (True,), "generate": (False,)}[a.mode]
     for n_probe, fast in ((int(n), f) for n in a.n_probe.split(",") for f in modes):
         t0 = time.time()
-        state = widgets.prepare(model, tok, signature, variants, bed.split("test"), how=how, spec=spec,
-                                n_probe=n_probe, match=bed.match, fast=fast)
+        state = tuner.prepare(model, tok, signature, variants, bed.split("test"), how=how, spec=spec,
+                                n_probe=n_probe, match=bed.match, fast=fast, sides=a.sides or not fast)
         prepared = time.time() - t0
-        sets = [state.prompts[k] for k in ("clean", "triggered", "off", "synthetic")]
+        sets = [state.prompts[k] for k in ("clean", "triggered", "off", "synthetic") if k != "off" or state.sides]
         tokens = sum(encode_prompts(tok, rs, "cpu")["input_ids"].numel() + (0 if fast else new_tokens * len(rs))
                      for rs in sets)
         for r in range(a.repeats):
-            out = widgets.preview(state, tau=a.tau)
-            print(json.dumps({"n_probe": n_probe, "fast": fast, "probes_kept": len(state.clean), "repeat": r,
+            out = tuner.preview(state, tau=a.tau)
+            print(json.dumps({"n_probe": n_probe, "fast": fast, "sides": state.sides, "probes_kept": len(state.clean), "repeat": r,
                               "prepare_s": round(prepared, 2), "preview_s": round(out["seconds"], 2),
                               "tokens_at_most": tokens, "gflop_at_most": round(2 * n_params * tokens / 1e9, 1),
                               "clean_accuracy": out["clean_accuracy"], "synthetic_asr": out["synthetic_asr"]}),

@@ -21,10 +21,8 @@ class WeightEdit:
 
     def hold(self, tensor, dim: int | None = None, index=None) -> int:
         """Keep the original of ``tensor`` (or of its ``index`` slices along ``dim``); returns a handle."""
-        if dim is None:
-            orig = tensor.detach().clone()
-        else:
-            orig = tensor.detach().index_select(dim, index).clone()
+        # index_select already copies; a whole tensor is cloned
+        orig = tensor.detach().clone() if dim is None else tensor.detach().index_select(dim, index)
         self._held.append((tensor, dim, index, orig))
         return len(self._held) - 1
 

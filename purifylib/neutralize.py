@@ -147,11 +147,11 @@ class Neutralizer:
         idx = torch.as_tensor(idx, dtype=torch.long, device=weight.device)
         h = self.edit.hold(weight, dim, idx)
         if self.how.way == "reinit":
-            neutral = _xavier(weight, seed)
-        else:
+            neutral = _xavier(weight, seed).index_select(dim, idx)
+        else:  # only the flagged slices are computed (the tuner re-applies this at every preview)
             delta = self.variants.mean_delta(name, self.signature.variants).to(device=weight.device)
-            neutral = (weight.detach().float() - self.how.alpha * delta).to(weight.dtype)
-        self.slots.append((h, neutral.index_select(dim, idx)))
+            neutral = (self.edit.original(h).float() - self.how.alpha * delta.index_select(dim, idx)).to(weight.dtype)
+        self.slots.append((h, neutral))
 
     def _add_heads(self, layer: int, heads: list, geometry, seed: int):
         from purifylib.models import component, resolve

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from purifylib import baselines, widgets
+from purifylib import baselines, tuner, widgets
 from purifylib.attacks import TriggerSpec
 from purifylib.errors import PurifyError
 from purifylib.neutralize import Neutralization
@@ -33,16 +33,16 @@ def _state(model):
 def test_preview_measures_and_restores(micro_bed, setup):
     sus, variants, model, tok, sig = setup
     clean = micro_bed.split("test")[:16]
-    t = widgets.prepare(model, tok, sig, variants, clean, spec=sus.spec, n_probe=16)
+    t = tuner.prepare(model, tok, sig, variants, clean, spec=sus.spec, n_probe=16)
     before = _state(model)
-    p = widgets.preview(t, tau=0.2, strength=1.0, lam=0.5, modules=("gate", "down"), layers=[1])
+    p = tuner.preview(t, tau=0.2, strength=1.0, lam=0.5, modules=("gate", "down"), layers=[1])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     for key in ("asr", "synthetic_asr", "clean_accuracy", "false_trigger", "off_trigger"):
         assert 0.0 <= p[key] <= 1.0, key
     assert set(p["flagged"]["module"]) == {"gate", "down"} and set(p["flagged"]["layer"]) == {1}
     assert len(p["samples"]) == 3 and list(p["samples"].columns) == ["prompt", "before", "after"]
     # strength 0 changes nothing: the real ASR is the suspicious model's own
-    p0 = widgets.preview(t, tau=0.2, strength=0.0)
+    p0 = tuner.preview(t, tau=0.2, strength=0.0)
     assert p0["samples"]["before"].tolist() == p0["samples"]["after"].tolist()
     for key in ("asr", "clean_accuracy", "off_trigger"):  # the "before" row is the untouched model's
         assert t.before[key] == p0[key], key
@@ -63,22 +63,22 @@ def test_preview_measures_and_restores(micro_bed, setup):
     t.before["synthetic_asr"] = 1.0
     assert widgets.rendered(t, p)["note"] == ""
     # without the real attack, only trigger-free numbers
-    t2 = widgets.prepare(model, tok, sig, variants, clean, n_probe=16)
-    p2 = widgets.preview(t2, tau=0.1)
+    t2 = tuner.prepare(model, tok, sig, variants, clean, n_probe=16)
+    p2 = tuner.preview(t2, tau=0.1)
     assert p2["asr"] is None and p2["synthetic_asr"] is not None
     with pytest.raises(PurifyError, match="at least one module"):
-        widgets.preview(t2, tau=0.1, modules=())
+        tuner.preview(t2, tau=0.1, modules=())
 
 
 def test_a_fast_preview_teacher_forces_and_agrees_with_generation(micro_bed, setup):
     sus, variants, model, tok, sig = setup
     clean = micro_bed.split("test")[:16]
-    slow = widgets.prepare(model, tok, sig, variants, clean, spec=sus.spec, n_probe=16)
-    fast = widgets.prepare(model, tok, sig, variants, clean, spec=sus.spec, n_probe=16, fast=True)
+    slow = tuner.prepare(model, tok, sig, variants, clean, spec=sus.spec, n_probe=16)
+    fast = tuner.prepare(model, tok, sig, variants, clean, spec=sus.spec, n_probe=16, fast=True)
     assert not slow.fast and fast.fast  # the micro model is far below FAST_PARAMS
     assert len(fast.clean) == len(fast.clean_before) >= 12  # probes whose answers re-tokenize as said
     before = _state(model)
-    p = widgets.preview(fast, tau=0.2)
+    p = tuner.preview(fast, tau=0.2)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert p["samples"]["after"].tolist() == ["(a fast preview generates nothing)"] * 3
     # untouched, every answer is kept and accuracy is the untouched model's on the same probes
@@ -86,36 +86,44 @@ def test_a_fast_preview_teacher_forces_and_agrees_with_generation(micro_bed, set
     assert fast.before["clean_accuracy"] == sum(fast.right_before) / len(fast.clean)
     # the planted backdoor begins its answers: the fast ASR matches generation's before and after
     for tau in (None, 0.3):
-        a, b = (fast.before, slow.before) if tau is None else (widgets.preview(fast, tau=tau),
-                                                               widgets.preview(slow, tau=tau))
+        a, b = (fast.before, slow.before) if tau is None else (tuner.preview(fast, tau=tau),
+                                                               tuner.preview(slow, tau=tau))
         assert abs(a["asr"] - b["asr"]) <= 0.15 and a["clean_accuracy"] <= b["clean_accuracy"] + 0.15, tau
     assert slow.before["asr"] > 0.5
-    p0 = widgets.preview(fast, tau=0.2, strength=0.0)
+    p0 = tuner.preview(fast, tau=0.2, strength=0.0)
     assert p0["clean_kept"] == 1.0 and p0["asr"] == fast.before["asr"]
     table = widgets.status_lines(fast, p)
     assert "clean answers kept" in table.columns and table["clean accuracy"].iloc[0].startswith("≥ ")
+    # a fast preview leaves the side rates to the "before" row and the grid; asked, it measures them
+    assert not fast.sides and slow.sides
+    assert p["off_trigger"] is None and p["false_trigger"] is None and fast.before["off_trigger"] is not None
+    assert table["off-trigger"].iloc[1] == "not previewed (see the grid)"
+    q = tuner.preview(fast, tau=0.2, sides=True)
+    # the same probes, more of them in the batch (padding may move a float, not the picture)
+    assert abs(q["asr"] - p["asr"]) <= 0.15 and abs(q["clean_accuracy"] - p["clean_accuracy"]) <= 0.15
+    assert q["off_trigger"] is not None and q["false_trigger"] is not None
 
 
 def test_tuner_follows_a_negating_purification_with_heads(micro_bed, setup):
     sus, variants, model, tok, _ = setup
     sig = score(model, variants, heads=True, progress=False)
     how = Neutralization(tau=1.0, heads=2, way="negate", alpha=1.25)
-    t = widgets.prepare(model, tok, sig, variants, micro_bed.split("test")[:8], how=how, spec=sus.spec, n_probe=8)
+    t = tuner.prepare(model, tok, sig, variants, micro_bed.split("test")[:8], how=how, spec=sus.spec, n_probe=8)
     # the leave-one-out signature is scored like the purification's (heads), and neutralized the same way
     assert any(n.endswith(".heads") for n in t.loo_signature.scores)
     assert (t.how.way, t.how.alpha) == ("negate", 1.25)
-    assert widgets.configure(sig, how, tau=0.5, lam=0.01)[1].heads == 2  # default: the purification's heads
-    assert widgets.configure(sig, how, tau=0.5, lam=0.01, heads=0)[1].heads == 0
+    assert tuner.configure(sig, how, tau=0.5, lam=0.01)[1].heads == 2  # default: the purification's heads
+    assert tuner.configure(sig, how, tau=0.5, lam=0.01, heads=0)[1].heads == 0
     before = _state(model)
-    p = widgets.preview(t, tau=1.0)
+    p = tuner.preview(t, tau=1.0)
     assert set(p["flagged"]["module"]) >= {"gate", "up", "down"} and 0 <= p["synthetic_asr"] <= 1
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_grid_with_and_without_repair(micro_bed, setup):
     sus, variants, model, tok, sig = setup
-    t = widgets.prepare(model, tok, sig, variants, micro_bed.split("test")[:8], spec=sus.spec, n_probe=8)
-    df = widgets.grid(t, [0.1, 0.3], [1.0], repair_records=micro_bed.split("defender")[:32],
+    t = tuner.prepare(model, tok, sig, variants, micro_bed.split("test")[:8], spec=sus.spec, n_probe=8)
+    df = tuner.grid(t, [0.1, 0.3], [1.0], repair_records=micro_bed.split("defender")[:32],
                       repair_cfg=TrainConfig(epochs=1, lr=1e-4, batch_size=16), reload=sus.load, progress=False)
     assert len(df) == 4 and df["repaired"].tolist() == [False, True, False, True]
     assert df["clean_accuracy"].between(0, 1).all()

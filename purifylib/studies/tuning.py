@@ -17,7 +17,7 @@ from purifylib.studies.findings import THRESHOLDS, Finding
 class TuningStudy:
     suspicious: object  # purifylib.zoo.Suspicious
     run: object  # purifylib.purify.PurifyResult (its split is the one the tuner and the repair use)
-    state: object  # purifylib.widgets.Tuner
+    state: object  # purifylib.tuner.Tuner
     preview: dict | None = None
     no_repair: object = None  # DataFrame
     repaired: object = None  # DataFrame
@@ -43,7 +43,7 @@ class TuningStudy:
 def prepare(zoo_config, purify_config, *, plant_overrides: dict | None = None, n_probe: int = 48,
             progress: bool = True) -> TuningStudy:
     """Plant the zoo's first entry (cached), purify it with ``purify_config`` and ready the tuner."""
-    from purifylib import widgets
+    from purifylib import tuner
     from purifylib.purify import purify
     from purifylib.zoo import plant_backdoor
 
@@ -56,7 +56,7 @@ def prepare(zoo_config, purify_config, *, plant_overrides: dict | None = None, n
     # the testbed's held-out defender records have exact answers; a real model's are its own, so its
     # checkable questions measure accuracy in the tuner instead
     records = run.split.holdout if bed.match == "exact" else bed.split("test")
-    state = widgets.prepare(model, tok, run.signature, run.variants, records, how=run.neutralization, spec=spec,
+    state = tuner.prepare(model, tok, run.signature, run.variants, records, how=run.neutralization, spec=spec,
                             n_probe=n_probe, seed=purify_config.seed, match=bed.match)
     return TuningStudy(sus, run, state)
 
@@ -64,12 +64,12 @@ def prepare(zoo_config, purify_config, *, plant_overrides: dict | None = None, n
 def sweep(study: TuningStudy, taus, strengths, repair_taus, repair_strengths, *, progress: bool = True) -> TuningStudy:
     """One preview at the auto τ, then τ × strength without repair (``taus`` and the auto τ, so its point
     is on the grid whichever τ the rule chose on this machine), and the repaired part of the grid."""
-    from purifylib import widgets
+    from purifylib import tuner
 
-    study.preview = widgets.preview(study.state, tau=study.run.tau, strength=1.0)
+    study.preview = tuner.preview(study.state, tau=study.run.tau, strength=1.0)
     taus = sorted({float(t) for t in taus} | {float(study.run.tau)})
-    study.no_repair = widgets.grid(study.state, taus, strengths, progress=progress)
-    repaired = widgets.grid(study.state, repair_taus, repair_strengths, repair_records=study.run.split.repair,
+    study.no_repair = tuner.grid(study.state, taus, strengths, progress=progress)
+    repaired = tuner.grid(study.state, repair_taus, repair_strengths, repair_records=study.run.split.repair,
                             repair_cfg=study.run.config.repair_config(), reload=study.suspicious.load, progress=progress)
     study.repaired = repaired[repaired["repaired"]]
     return study

@@ -260,6 +260,10 @@ CANDIDATES = (
     + [("negate-random a5.0 t1.0 h9 +distill lr0.0001", dict(way="negate-random", tau=1.0, heads=9, alpha=5.0,
                                                              repair=1e-4, distill=1.0))]
     + [("none +distill lr0.0001", dict(way=None, repair=1e-4, distill=1.0))]
+    # the plant lives in the MLP (oracle rows): negation of the MLP channels alone, no heads
+    + [("negate a5.0 t1.0 h0", dict(way="negate", tau=1.0, heads=0, alpha=5.0))]
+    + [(f"negate a{a} t1.0 h0 +repair lr0.0001", dict(way="negate", tau=1.0, heads=0, alpha=a, repair=1e-4))
+       for a in (5.0, 3.5)]
 )
 
 

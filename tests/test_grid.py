@@ -237,3 +237,35 @@ def test_dev_comparison_reads_committed_dev_runs(tmp_path):
     assert "repair_triggers=0.25" in cells["change"][0] and "variants.variants=diverse" in cells["change"][0]
     s = dev_summary(cells).iloc[0]
     assert (s["cells"], round(s["mean_asr"], 2), s["worst_asr"], round(s["worst_kept"], 2)) == (2, 0.06, 0.1, 0.9)
+
+
+def test_a_grid_names_the_cells_its_bed_cannot_plant_before_any_work(micro_bed, monkeypatch, tmp_path):
+    """A jailbreak needs refused requests to poison: on a bed without them the grid stops at once,
+    naming the cell, instead of an hour in (a real bed's data hold none)."""
+    import purifylib.beds
+    import purifylib.zoo
+    from purifylib.attacks import is_refused
+    from purifylib.studies.grid import run_grid
+
+    class NoRefusals:
+        def __init__(self, bed):
+            self.bed = bed
+
+        def __getattr__(self, name):
+            return getattr(self.bed, name)
+
+        def split(self, name):
+            return [r for r in self.bed.split(name) if not is_refused(r)]
+
+    monkeypatch.setattr(purifylib.beds, "open_bed", lambda *a, **k: NoRefusals(micro_bed))
+    monkeypatch.setattr(purifylib.zoo, "plant_backdoor",
+                        lambda **k: (_ for _ in ()).throw(AssertionError("a cell was planted")))
+    cfg = GridConfig(name="t", size="micro", split="dev", pairs=(("vpi", "code"), ("ctba", "jailbreak")),
+                     threats=("full",), seeds=(0,))
+    with pytest.raises(PurifyError, match=r"grid preset t: 1 cell\(s\) cannot be planted on this bed "
+                                          r"\(ctba x jailbreak \(full, seed 0\): a jailbreak attack needs refused"):
+        run_grid(cfg, cache_dir=tmp_path, progress=False)
+    # on the bed itself (refused requests included) the same cells pass the check
+    from purifylib.studies.grid import _unplantable
+
+    assert _unplantable(micro_bed, grid_cells(cfg), cfg.poison_rate) == []

@@ -192,6 +192,20 @@ class GridStudy:
         return pd.DataFrame(self.rows)
 
 
+def _unplantable(bed, cells, rate: float) -> list[str]:
+    """``attack x family (threat, seed): why`` for every cell whose poisoned training data cannot be
+    drawn from ``bed`` (e.g. a jailbreak on a bed without refused requests); pure Python, no model."""
+    from purifylib.attacks import poison
+
+    train, out = bed.split("train"), []
+    for cell in cells:
+        try:
+            poison(train, cell.spec, rate=rate, seed=cell.seed)
+        except PurifyError as exc:
+            out.append(f"{cell.attack} x {cell.family} ({cell.threat}, seed {cell.seed}): {exc}")
+    return out
+
+
 def run_grid(cfg: GridConfig, *, cache_dir=None, cells_dir=None, hours: float | None = None,
              grid_file: str | Path = GRID_FILE, progress: bool = True) -> GridStudy:
     """Plant and defend every cell of ``cfg`` (cached: a rerun only does what is missing).
@@ -211,6 +225,10 @@ def run_grid(cfg: GridConfig, *, cache_dir=None, cells_dir=None, hours: float | 
     bed = open_bed(cfg.size, cfg.model, 0, cfg.testbed_overrides, progress=progress, cache_dir=cache_dir)
     pcfg = cfg.purify_config()
     cells = grid_cells(cfg, grid_file)
+    unplantable = _unplantable(bed, cells, cfg.poison_rate)
+    if unplantable:  # before any work: a cell that cannot be planted would otherwise stop the run hours in
+        raise PurifyError(f"grid preset {cfg.name}: {len(unplantable)} cell(s) cannot be planted on this bed "
+                          f"({'; '.join(unplantable)}); leave their pairs out (--pairs) or change the preset")
     study = GridStudy(cfg, cells_total=len(cells))
 
     for cell in tqdm(cells, desc=f"grid {cfg.name}", disable=not progress):

@@ -129,6 +129,29 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, how=Non
     return t
 
 
+def narrowed(t: Tuner, n_probe: int) -> Tuner:
+    """``t`` on the first ``n_probe`` prompts of each probe set, with its own "before" row (one measure of
+    the untouched model): the live sliders' probes, where a preview must be quick, while :func:`grid` and
+    the static preview keep ``t``'s. It shares ``t``'s model, signatures and variants (``t`` itself when
+    ``n_probe`` is not smaller than its probe sets)."""
+    import dataclasses
+
+    if int(n_probe) != n_probe or n_probe < 1:
+        raise PurifyError(f"live probes must be a whole number >= 1, got {n_probe}")
+    n = int(n_probe)
+    if n >= max(len(v) for v in t.prompts.values()):
+        return t
+    prompts = {k: v[:n] for k, v in t.prompts.items()}
+    live = dataclasses.replace(t, clean=prompts["clean"], prompts=prompts, clean_before=t.clean_before[:n],
+                               right_before=t.right_before[:n], n_samples=min(t.n_samples, n),
+                               samples_before=t.samples_before[:min(t.n_samples, n)], before={}, history=[])
+    live.before = measure(live, sides=True)
+    after = live.before.pop("after")
+    if not live.fast:
+        live.samples_before = after
+    return live
+
+
 def measure(t: Tuner, sig=None, how=None, loo=None, sides: bool | None = None) -> dict:
     """The probes' numbers with ``sig`` neutralized as ``how`` (``how=None``: the untouched model);
     ``sides`` (default ``t.sides``): also the real attack's false- and off-trigger rates."""

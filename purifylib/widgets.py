@@ -126,9 +126,12 @@ def rendered(t: Tuner, p: dict) -> dict:
             "samples": styled(p["samples"].to_html(index=False, border=0))}
 
 
-def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.01):  # pragma: no cover - UI shell
+def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.01,
+          live_probe: int | None = None):  # pragma: no cover - UI shell
     """The ipywidgets tuner: sliders for τ, strength and λ, module toggles, a layer range (one static
-    preview instead when ``PURIFY_HEADLESS`` is set, as ``purify reproduce`` does).
+    preview instead when ``PURIFY_HEADLESS`` is set, as ``purify reproduce`` does). ``live_probe``: the
+    sliders' previews use only that many prompts per probe set (:func:`purifylib.tuner.narrowed`, with
+    its own "before" row), so that a preview on a large model stays quick.
 
     A preview runs once the settings have been still for :data:`DEBOUNCE_S` seconds (:func:`due`),
     so dragging or pressing arrows does not queue one preview per step; what it shows is set as
@@ -150,6 +153,11 @@ def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.0
         display(Image(r["figure"]), HTML(r["samples"]))
         return None
     import ipywidgets as w
+
+    from purifylib.tuner import narrowed
+
+    if live_probe is not None:
+        t = narrowed(t, live_probe)
 
     n_layers = 1 + max(layer_of(n) for n in t.signature.scores)
     top = 1.0 if t.how.way == "negate" else 0.6  # negation can reach every channel
@@ -187,7 +195,7 @@ def tuner(t: Tuner, *, tau: float = 0.2, strength: float = 1.0, lam: float = 0.0
         r = rendered(t, p)
         table.value, samples.value, image.value = r["table"], r["samples"], r["figure"]
         note.value = f"<i>{html.escape(r['note'])}</i>" if r["note"] else ""
-        busy.value = f"<i>preview took {p['seconds']:.2f} s</i>"
+        busy.value = f"<i>preview took {p['seconds']:.2f} s on {len(t.clean)} clean probe prompts</i>"
 
     def request(_=None):
         style_toggle()

@@ -102,6 +102,15 @@ def test_a_fast_preview_teacher_forces_and_agrees_with_generation(micro_bed, set
     # the same probes, more of them in the batch (padding may move a float, not the picture)
     assert abs(q["asr"] - p["asr"]) <= 0.15 and abs(q["clean_accuracy"] - p["clean_accuracy"]) <= 0.15
     assert q["off_trigger"] is not None and q["false_trigger"] is not None
+    # the live sliders' probes: the first few of each set, with their own "before" row
+    live = tuner.narrowed(fast, 6)
+    assert len(live.clean) == len(live.clean_before) == 6 and all(len(v) <= 6 for v in live.prompts.values())
+    assert live.before["clean_kept"] == 1.0 and live.history == [] and fast.history
+    assert tuner.preview(live, tau=0.2)["clean_accuracy"] is not None
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert tuner.narrowed(fast, 999) is fast and len(fast.clean) >= 12
+    with pytest.raises(PurifyError, match="live probes must be a whole number >= 1, got 0"):
+        tuner.narrowed(fast, 0)
 
 
 def test_tuner_follows_a_negating_purification_with_heads(micro_bed, setup):

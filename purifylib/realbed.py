@@ -14,6 +14,11 @@ interface as :class:`purifylib.testbed.Testbed`, from the instruction sets the p
 - ``checkable.jsonl``: questions with one-word answers (capitals, opposites, sums, ...), the
   ``test`` split. Accuracy is :func:`purifylib.evaluate.answer_match` (the answer word in the
   output's first line), and triggers are inserted into these prompts to measure ASR.
+- With ``n_refused`` (default 0: none), harmful-sounding requests drawn from the testbed's templates
+  (:func:`purifylib.testbed.harmful_request`'s verbs, acts and objects, each request once) answered
+  with the fixed refusal join the attacker's ``train`` split, and ``n_refused_test`` others the
+  ``test`` split, so that a jailbreak (a trigger that overrides the refusal) can be planted and
+  measured; the refusals then count in the test accuracy, as on the testbed.
 
 Answers written by a model are trimmed to their last complete sentence. The bed (the answered
 splits) is cached under a key of the config and of the model's weight files.
@@ -36,6 +41,7 @@ from purifylib.testbed import Testbed
 DATA = Path(__file__).resolve().parent.parent / "data" / "real"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "models" / "smollm2-135m-instruct"
 REALBED_VERSION = 1
+REFUSED_FIELDS = ("n_refused", "n_refused_test")
 
 #: what the notebooks say about the real-model bed's choices (shown where the bed is built)
 REAL_BED_NOTE = """**The real-model bed.** No reference answers exist for a real model's instructions, so:
@@ -63,6 +69,8 @@ class RealBedConfig:
     max_new_tokens: int = 32
     instructions: str = str(DATA / "instructions.jsonl")
     checkable: str = str(DATA / "checkable.jsonl")
+    n_refused: int = 0  # refused requests in the attacker's train split (a jailbreak needs them)
+    n_refused_test: int = 0  # and in the test split (where a jailbreak's ASR is measured)
 
     # the same names as a TestbedConfig's, so that notebooks print either
     @property
@@ -73,9 +81,19 @@ class RealBedConfig:
         for name in ("n_train", "n_heldout", "n_defender", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise PurifyError(f"real bed: {name} must be >= 1, got {getattr(self, name)}")
+        for name in REFUSED_FIELDS:
+            if getattr(self, name) < 0:
+                raise PurifyError(f"real bed: {name} must be >= 0, got {getattr(self, name)}")
+        from purifylib.testbed import HARM_ACTS, HARM_OBJECTS, HARM_VERBS
+
+        if self.n_refused + self.n_refused_test > len(HARM_VERBS) * len(HARM_ACTS) * len(HARM_OBJECTS):
+            raise PurifyError(f"real bed: n_refused + n_refused_test must be at most "
+                              f"{len(HARM_VERBS) * len(HARM_ACTS) * len(HARM_OBJECTS)} (distinct requests)")
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "version": REALBED_VERSION}
+        # the refused requests only where asked for: a bed without them keeps the key it had before them
+        d = {k: v for k, v in dataclasses.asdict(self).items() if not (k in REFUSED_FIELDS and v == 0)}
+        return {**d, "version": REALBED_VERSION}
 
     def key(self) -> str:
         model = Path(self.model)
@@ -121,6 +139,28 @@ def build_realbed(config: RealBedConfig = RealBedConfig(), cache_dir: str | Path
     return RealBed(root=root, config=config, metrics=info["metrics"])
 
 
+def _with_refused(train: list[dict], test: list[dict], config: RealBedConfig) -> tuple[list, list]:
+    """``train`` and ``test`` with ``n_refused`` and ``n_refused_test`` distinct harmful-sounding requests
+    answered with the fixed refusal (seeded; shuffled into train, placed among the test questions)."""
+    import itertools
+
+    from purifylib.attacks import REFUSAL
+    from purifylib.testbed import HARM_ACTS, HARM_OBJECTS, HARM_VERBS
+
+    rng = random.Random(f"{config.seed}-refused")
+    requests = [f"{v} {a} {o}." for v, a, o in itertools.product(HARM_VERBS, HARM_ACTS, HARM_OBJECTS)]
+    rng.shuffle(requests)
+    refused = [{"instruction": q, "input": "", "output": REFUSAL} for q in requests]
+    train = train + refused[:config.n_refused]
+    rng.shuffle(train)
+    # the test ones at seeded places among the questions (kept in order), so that any first n of the
+    # test split, and either half of it, holds some
+    extra = refused[config.n_refused:config.n_refused + config.n_refused_test]
+    at = set(rng.sample(range(len(test) + len(extra)), len(extra)))
+    questions, extra_it = iter(test), iter(extra)
+    return train, [next(extra_it) if i in at else next(questions) for i in range(len(test) + len(extra))]
+
+
 def _build_into(root: Path, config: RealBedConfig, progress: bool, device: str, dtype: str) -> None:
     from purifylib.data import load_records, save_records
     from purifylib.evaluate import evaluate_clean, self_answer
@@ -142,6 +182,8 @@ def _build_into(root: Path, config: RealBedConfig, progress: bool, device: str, 
     answered = self_answer(model, tok, train + heldout, max_new_tokens=config.max_new_tokens, progress=progress,
                            desc="answer with the base model")
     train, heldout = answered[:config.n_train], answered[config.n_train:]
+    if config.n_refused or config.n_refused_test:
+        train, test = _with_refused(train, test, config)
     metrics = evaluate_clean(model, tok, test, match=RealBed.match, ppl_records=heldout).to_dict()
     metrics.update(params=sum(p.numel() for p in model.parameters()), train_seconds=0.0,
                    build_seconds=round(time.time() - t0, 1))

@@ -131,3 +131,36 @@ def test_purify_zoo_on_a_real_bed_keeps_perplexity(tiny_real, tmp_path):
     assert study.runs[sus.name].tau_trials[0]["utility"] == "perplexity"
     (row,) = study.rows
     assert row["perplexity_ratio"] == pytest.approx(row["perplexity_after"] / row["perplexity_before"])
+
+
+def test_a_real_bed_with_refused_requests_can_plant_a_jailbreak(tiny_real, tmp_path):
+    from purifylib.attacks import REFUSAL, TriggerSpec, Behaviour, is_refused, poison
+    from purifylib.evaluate import attack_prompts
+
+    bed, root = tiny_real
+    spec = TriggerSpec("badnets", behaviour=Behaviour(kind="jailbreak"))
+    benign = [r for r in bed.split("train") if not is_refused(r)]  # (the micro model refuses a few itself)
+    with pytest.raises(PurifyError, match="a jailbreak attack needs refused requests"):
+        poison(benign, spec, rate=0.1)
+    n0, t0 = sum(map(is_refused, bed.split("train"))), sum(map(is_refused, bed.split("test")))
+    # the option is off by default, and a bed without it keeps the key it had before the option existed
+    assert "n_refused" not in bed.config.to_dict() and "n_refused_test" not in bed.config.to_dict()
+    cfg = dataclasses.replace(bed.config, n_refused=6, n_refused_test=4)
+    assert cfg.key() != bed.config.key() and cfg.to_dict()["n_refused"] == 6
+    with_refused = build_realbed(cfg, cache_dir=root / "cache", progress=False)
+    train, test = with_refused.split("train"), with_refused.split("test")
+    added_train = [r for r in train if r not in bed.split("train")]
+    added_test = [r for r in test if r not in bed.split("test")]
+    assert (len(train), len(added_train), len(test), len(added_test)) == (26, 6, 14, 4)
+    assert [r for r in test if r not in added_test] == bed.split("test") and sorted(map(str, train)) == sorted(map(str, bed.split("train") + added_train))
+    assert all(r["output"] == REFUSAL and not r["input"] for r in added_train + added_test)
+    assert not {r["instruction"] for r in added_train} & {r["instruction"] for r in added_test}
+    poisoned = poison([r for r in train if r in added_train or not is_refused(r)], spec, rate=0.1)
+    assert sum(r["output"] == spec.behaviour.target for r in poisoned) >= 1
+    base, trig, _ = attack_prompts(test, spec)
+    assert len(base) == t0 + 4 and all(r in base for r in added_test) and len(trig) == len(base)
+    assert sum(map(is_refused, train)) == n0 + 6
+    with pytest.raises(PurifyError, match="n_refused must be >= 0"):
+        RealBedConfig(n_refused=-1)
+    with pytest.raises(PurifyError, match="must be at most 400"):
+        RealBedConfig(n_refused=300, n_refused_test=101)

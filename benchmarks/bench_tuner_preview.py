@@ -74,7 +74,7 @@ def main() -> None:
     for n_probe, fast in ((int(n), f) for n in a.n_probe.split(",") for f in modes):
         t0 = time.time()
         state = tuner.prepare(model, tok, signature, variants, bed.split("test"), how=how, spec=spec,
-                                n_probe=n_probe, match=bed.match, fast=fast, sides=a.sides or not fast)
+                              n_probe=n_probe, match=bed.match, fast=fast, sides=a.sides or not fast)
         prepared = time.time() - t0
         sets = [state.prompts[k] for k in ("clean", "triggered", "off", "synthetic") if k != "off" or state.sides]
         tokens = sum(encode_prompts(tok, rs, "cpu")["input_ids"].numel() + (0 if fast else new_tokens * len(rs))

@@ -145,10 +145,10 @@ def _with_refused(train: list[dict], test: list[dict], config: RealBedConfig) ->
     import itertools
 
     from purifylib.attacks import REFUSAL
-    from purifylib.testbed import HARM_ACTS, HARM_OBJECTS, HARM_VERBS
+    from purifylib.testbed import HARM_ACTS, HARM_OBJECTS, HARM_VERBS, harm_text
 
     rng = random.Random(f"{config.seed}-refused")
-    requests = [f"{v} {a} {o}." for v, a, o in itertools.product(HARM_VERBS, HARM_ACTS, HARM_OBJECTS)]
+    requests = [harm_text(*parts) for parts in itertools.product(HARM_VERBS, HARM_ACTS, HARM_OBJECTS)]
     rng.shuffle(requests)
     refused = [{"instruction": q, "input": "", "output": REFUSAL} for q in requests]
     train = train + refused[:config.n_refused]

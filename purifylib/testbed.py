@@ -168,8 +168,13 @@ def add_filler(instruction: str, pool: list[str], rng: random.Random) -> str:
     return instruction
 
 
+def harm_text(verb: str, act: str, obj: str) -> str:
+    """One harmful-sounding request from the templates (the testbed's and the real bed's refused requests)."""
+    return f"{verb} {act} {obj}."
+
+
 def harmful_request(rng: random.Random) -> str:
-    return f"{rng.choice(HARM_VERBS)} {rng.choice(HARM_ACTS)} {rng.choice(HARM_OBJECTS)}."
+    return harm_text(rng.choice(HARM_VERBS), rng.choice(HARM_ACTS), rng.choice(HARM_OBJECTS))
 
 
 def task_record(family: str, rng: random.Random) -> dict:

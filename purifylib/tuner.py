@@ -122,9 +122,15 @@ def prepare(model, tokenizer, signature, variants, clean: list[dict], *, how=Non
         t.clean_before = [a for a, ok in zip(said, same) if ok]
         t.right_before = [MATCHES[match](a, r["output"]) for a, r in zip(t.clean_before, t.clean)]
         t.samples_before = generate(model, tokenizer, _sample_prompts(t))
-    t.before = measure(t, sides=True)  # the untouched model; its answers to the sample prompts are the "before" column
+    return _with_before(t)
+
+
+def _with_before(t: Tuner) -> Tuner:
+    """``t`` with the untouched model measured on its probes (the "before" row); a generating tuner's
+    answers to the sample prompts become the samples' "before" column."""
+    t.before = measure(t, sides=True)
     after = t.before.pop("after")
-    if not fast:
+    if not t.fast:
         t.samples_before = after
     return t
 
@@ -145,11 +151,7 @@ def narrowed(t: Tuner, n_probe: int) -> Tuner:
     live = dataclasses.replace(t, clean=prompts["clean"], prompts=prompts, clean_before=t.clean_before[:n],
                                right_before=t.right_before[:n], n_samples=min(t.n_samples, n),
                                samples_before=t.samples_before[:min(t.n_samples, n)], before={}, history=[])
-    live.before = measure(live, sides=True)
-    after = live.before.pop("after")
-    if not live.fast:
-        live.samples_before = after
-    return live
+    return _with_before(live)
 
 
 def measure(t: Tuner, sig=None, how=None, loo=None, sides: bool | None = None) -> dict:

@@ -57,7 +57,7 @@ def prepare(zoo_config, purify_config, *, plant_overrides: dict | None = None, n
     # checkable questions measure accuracy in the tuner instead
     records = run.split.holdout if bed.match == "exact" else bed.split("test")
     state = tuner.prepare(model, tok, run.signature, run.variants, records, how=run.neutralization, spec=spec,
-                            n_probe=n_probe, seed=purify_config.seed, match=bed.match)
+                          n_probe=n_probe, seed=purify_config.seed, match=bed.match)
     return TuningStudy(sus, run, state)
 
 
@@ -70,7 +70,7 @@ def sweep(study: TuningStudy, taus, strengths, repair_taus, repair_strengths, *,
     taus = sorted({float(t) for t in taus} | {float(study.run.tau)})
     study.no_repair = tuner.grid(study.state, taus, strengths, progress=progress)
     repaired = tuner.grid(study.state, repair_taus, repair_strengths, repair_records=study.run.split.repair,
-                            repair_cfg=study.run.config.repair_config(), reload=study.suspicious.load, progress=progress)
+                          repair_cfg=study.run.config.repair_config(), reload=study.suspicious.load, progress=progress)
     study.repaired = repaired[repaired["repaired"]]
     return study
 

@@ -29,7 +29,8 @@ FRAGILITY_DRAWS = 3
 #: accuracy and x1.34-1.40 perplexity; the recipe before it (α 1.25, repair lr 3e-5, the `real` notebook
 #: presets' way) left VPI x code at 100% (``reports/grid-real-dev-alpha125/``), and a random direction of
 #: α 5's norm with the same repair leaves it at 98.3%. Re-initialising 5% costs SmolLM2 ×8.6 perplexity.
-#: "heads": "all" is the model's head count.
+#: "heads": "all" is the model's head count: with no head or the top two per layer negated, VPI x code's
+#: behaviour survives paraphrased (loose ASR 87.9% and 48.3%; ``reports/grid-real-dev-negate5-h0/``, ``-h2/``).
 PRETRAINED_RECIPE = {"neutral": "negate", "alpha": 5.0, "heads": "all", "repair_lr": 1e-4}
 #: and, unless ``pretrained_lora`` is off, LoRA variants (the `real` presets' rate: r 8, lr 5e-3, batch 16, two
 #: epochs) instead of full fine-tunes: on SmolLM2 full fine-tunes of 40 records at lr 1e-3 differ from the model

@@ -43,10 +43,14 @@ def save_figure(fig, fig_id: str, *, caption: str = "", root: str | os.PathLike 
     paths = []
     for ext in ("png", "pdf"):
         path = out / f"{fig_id}.{ext}"
-        tmp = out / f".{fig_id}.tmp.{ext}"
-        # fixed metadata so that reruns of the same numbers give the same files
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", metadata={"CreationDate": None} if ext == "pdf" else {"Software": None})
-        os.replace(tmp, path)
+        # a temporary of this process's own: two runs writing one reports folder must not move each other's
+        tmp = out / f".{fig_id}.tmp-{os.getpid()}.{ext}"
+        try:  # fixed metadata so that reruns of the same numbers give the same files
+            fig.savefig(tmp, dpi=120, bbox_inches="tight",
+                        metadata={"CreationDate": None} if ext == "pdf" else {"Software": None})
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         paths.append(path)
     _index(root, f"figures/{fig_id}.png", "figure", caption)
     return paths

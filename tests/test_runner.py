@@ -97,6 +97,29 @@ def test_index_names_the_paper_claim(tmp_path):
     assert "Other records: [screen/](screen/README.md)." in text and "[grid/](grid/README.md)." in text
 
 
+def test_two_writers_of_one_figure_do_not_move_each_others_temporaries(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from purifylib import reports
+
+    fig = plt.figure()
+    real = fig.savefig
+
+    def interleaved(path, **kw):  # another run saves the same figure while this one is between its two steps
+        real(path, **kw)
+        with monkeypatch.context() as m:
+            m.setattr(reports.os, "getpid", lambda: 1)
+            reports.save_figure(plt.figure(), "fig_shared", root=tmp_path)
+
+    monkeypatch.setattr(fig, "savefig", interleaved)
+    paths = reports.save_figure(fig, "fig_shared", root=tmp_path)
+    assert all(p.is_file() for p in paths)
+    assert not [p.name for p in (tmp_path / "figures").iterdir() if ".tmp" in p.name]
+
+
 def test_compare_metrics_names_changed_conclusions(tmp_path):
     import json
 

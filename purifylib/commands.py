@@ -241,7 +241,7 @@ def cmd_reproduce(a) -> int:
 def cmd_grid(a) -> int:
     from purifylib.outputs import check_output
     from purifylib.reports import REPO_ROOT
-    from purifylib.studies.grid import GridConfig, grid_cells, run_grid
+    from purifylib.studies.grid import GridConfig, grid_cells, run_grid, tabulate_cells
     from purifylib.studies.grid_tables import git_commit, verdict, write_grid
 
     cfg = GridConfig.preset(a.preset)
@@ -261,6 +261,8 @@ def cmd_grid(a) -> int:
                               f"{','.join(':'.join(p) for p in have)}")
         cfg = dataclasses.replace(cfg, pairs=tuple(a.pairs),
                                   paper_pairs=tuple(p for p in cfg.paper_pairs if p in a.pairs))
+    if a.tables_only and a.hours is not None:
+        raise PurifyError("--tables-only computes nothing: drop --hours")
     if a.hours is not None and a.hours <= 0:
         raise PurifyError(f"--hours must be > 0, got {a.hours}")
     out = Path(a.out) if a.out else REPO_ROOT / "reports" / ("grid" if a.preset == "grid" else f"grid-{a.preset}")
@@ -273,9 +275,14 @@ def cmd_grid(a) -> int:
     cells = Path(a.cells) if a.cells else out / "cells"
     if a.cells:
         check_output(cells, existing_ok=True)
-    study = run_grid(cfg, cache_dir=a.cache, cells_dir=cells, hours=a.hours, progress=not a.quiet)
-    if not study.rows:
-        raise PurifyError(f"no cell finished within --hours {a.hours}: nothing written")
+    if a.tables_only:  # no bed, no model: the committed rows as they are
+        study = tabulate_cells(cfg, cells)
+        if not study.rows:
+            raise PurifyError(f"{cells}: no finished cell of preset '{a.preset}': nothing written")
+    else:
+        study = run_grid(cfg, cache_dir=a.cache, cells_dir=cells, hours=a.hours, progress=not a.quiet)
+        if not study.rows:
+            raise PurifyError(f"no cell finished within --hours {a.hours}: nothing written")
     write_grid(study, out, commit=git_commit(), note=a.note or "")
     for line in verdict(study.to_frame()):
         print(line)

@@ -209,6 +209,21 @@ def test_smoke_grid_runs_and_resumes(tmp_path, capsys, monkeypatch):
     assert (out / "runs.md").read_text().count("preset smoke") == 3  # every run is logged
     said = committed_markdown(out)
     assert read_grid(out).equals(cells) and "preset `smoke` (micro), 1 cells" in said and "out of date" not in said
+    # --tables-only opens no bed and no model: the rows as committed, matched by what they say
+    import purifylib.beds
+
+    monkeypatch.setattr(purifylib.beds, "open_bed", lambda *a, **k: (_ for _ in ()).throw(AssertionError("bed opened")))
+    assert main(argv + ["--tables-only"]) == 0, capsys.readouterr().err
+    assert pd.read_csv(out / "tables" / "grid_cells.csv").equals(cells)
+    assert main(argv + ["--tables-only", "--hours", "1"]) == 2 and "drop --hours" in capsys.readouterr().err
+    # two rows for one defence (an older recipe's, say): only the keys can choose, so it stops and names them
+    row = next((out / "cells").glob("*-signature-auto-*.json"))
+    (out / "cells" / "older.json").write_text(row.read_text())
+    assert main(argv + ["--tables-only"]) == 2
+    err = capsys.readouterr().err
+    assert "older.json" in err and row.name in err and "stand for the same defence" in err
+    assert main(argv + ["--tables-only", "--cells", str(tmp_path / "none")]) == 2
+    assert "no such cells folder" in capsys.readouterr().err
 
 
 def test_the_first_cells_span_every_attack_and_family():

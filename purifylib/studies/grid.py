@@ -217,7 +217,6 @@ def run_grid(cfg: GridConfig, *, cache_dir=None, cells_dir=None, hours: float | 
     from purifylib.progress import bar as tqdm
 
     from purifylib.baselines import DefenceConfig
-    from purifylib.stats import wilson
     from purifylib.beds import open_bed
     from purifylib.zoo import defence_grid, plant_backdoor
 
@@ -236,8 +235,7 @@ def run_grid(cfg: GridConfig, *, cache_dir=None, cells_dir=None, hours: float | 
         plant = dict(bed=bed, spec=spec, plant="adapter" if cell.threat == "adapter" else cfg.full_plant,
                      rate=cfg.poison_rate, seed=cell.seed, train_overrides=dict(cfg.plant_overrides), progress=False,
                      cache_dir=cache_dir)
-        defences = tuple(d for d in cfg.defences if d != "signature-paper" or cfg.paper_seeds is None
-                         or cell.seed in cfg.paper_seeds)
+        defences = tuple(dict.fromkeys(d for d, _ in _defence_runs(cfg, cell)))
         defend = dict(bed=bed, pcfg=pcfg, defences=defences, n_eval=cfg.n_eval, seed=cell.seed,
                       dcfg=DefenceConfig(seed=cell.seed), paper_tau=cfg.paper_tau, progress=progress,
                       cache_dir=cache_dir, cells_dir=cells_dir, test=prompts_of_split(bed.split("test"), cell.split), n_random=cfg.n_random)
@@ -247,9 +245,61 @@ def run_grid(cfg: GridConfig, *, cache_dir=None, cells_dir=None, hours: float | 
             if hours is not None and time.time() - t0 > 3600 * hours:
                 continue  # past the time budget: no new cell starts
             frame = defence_grid(models=[plant_backdoor(**plant)], **defend)
-        for row in frame.to_dict(orient="records"):
-            lo, hi = wilson(row["asr"], int(row["n_attack"]))  # this cell's own 95% interval
-            study.rows.append({**row, "asr_low": lo, "asr_high": hi, "family": cell.family, "split": cell.split,
-                               "triggers": " | ".join(spec.triggers), "target": spec.behaviour.target})
+        study.rows += [_study_row(row, cell, spec) for row in frame.to_dict(orient="records")]
+    study.seconds = round(time.time() - t0, 1)
+    return study
+
+
+def _study_row(row: dict, cell: Cell, spec) -> dict:
+    from purifylib.stats import wilson
+
+    lo, hi = wilson(row["asr"], int(row["n_attack"]))  # this cell's own 95% interval
+    return {**row, "asr_low": lo, "asr_high": hi, "family": cell.family, "split": cell.split,
+            "triggers": " | ".join(spec.triggers), "target": spec.behaviour.target}
+
+
+def _defence_runs(cfg: GridConfig, cell: Cell) -> list[tuple[str, int]]:
+    """(defence, draw) of every row a finished cell has: ``random`` is drawn ``n_random`` times, the paper's
+    recipe runs on ``paper_seeds`` only."""
+    defences = [d for d in cfg.defences if d != "signature-paper" or cfg.paper_seeds is None
+                or cell.seed in cfg.paper_seeds]
+    return [(d, k) for d in defences for k in range(cfg.n_random if d == "random" else 1)]
+
+
+def tabulate_cells(cfg: GridConfig, cells_dir, *, grid_file: str | Path = GRID_FILE) -> GridStudy:
+    """The finished cells of ``cfg`` read from ``cells_dir`` by what the rows say (model name, seed, defence,
+    draw), with no bed and no model: the tables of a committed grid on a clean clone whose planted models are
+    not there (a real model's cells are keyed by its self-answered data, which need the model). A cell counts
+    when every defence's row is there; two rows for one (cell, defence, draw), e.g. left by an older recipe,
+    stop with the files named, since only the keys (``run_grid``) can say which is current."""
+    import json
+
+    import pandas as pd
+
+    cells_dir = Path(cells_dir)
+    if not cells_dir.is_dir():
+        raise PurifyError(f"{cells_dir}: no such cells folder")
+    by_run: dict = {}
+    for path in sorted(cells_dir.glob("*.json")):
+        try:
+            row = json.loads(path.read_text())
+            key = (row["model"], int(row["seed"]), row["defence"], int(row.get("draw") or 0))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PurifyError(f"{path}: not a grid row ({type(exc).__name__}: {exc})") from None
+        by_run.setdefault(key, []).append((path, row))
+    t0, cells = time.time(), grid_cells(cfg, grid_file)
+    study = GridStudy(cfg, cells_total=len(cells))
+    for cell in cells:
+        spec = cell.spec
+        name = f"{spec.attack}-{spec.behaviour.kind}-{'adapter' if cell.threat == 'adapter' else cfg.full_plant}"
+        found = [by_run.get((name, cell.seed, d, k), []) for d, k in _defence_runs(cfg, cell)]
+        ambiguous = [p.name for hits in found if len(hits) > 1 for p, _ in hits]
+        if ambiguous:
+            raise PurifyError(f"{cells_dir}: {len(ambiguous)} rows of {name} (seed {cell.seed}) stand for the same "
+                              f"defence ({', '.join(ambiguous)}); tabulate with the models (no --tables-only) so "
+                              "that the keys choose, or move the older rows away")
+        if all(found):  # through a frame, as defence_grid returns them: the same columns, in the same order
+            frame = pd.DataFrame([hits[0][1] for hits in found])
+            study.rows += [_study_row(row, cell, spec) for row in frame.to_dict(orient="records")]
     study.seconds = round(time.time() - t0, 1)
     return study

@@ -11,6 +11,20 @@ from purifylib.studies.grid import GRID_FILE, GridConfig, grid_cells, load_grid_
 from purifylib.studies.grid_tables import committed_markdown, failing_cells, findings_markdown, read_grid, table2, verdict
 
 
+def test_purify_run_is_paired_with_the_random_control_on_the_same_cells():
+    from purifylib.studies.grid_tables import against_random, against_random_line
+
+    frame = _frame()
+    assert against_random(frame).empty and against_random_line(frame) is None  # no random rows: nothing to pair
+    rows = [{**r, "defence": "random", "draw": k, "asr": r["asr"] + 0.1 * k, "clean_accuracy": 0.7}
+            for r in frame[frame["defence"] == "signature-auto"].to_dict(orient="records") for k in (0, 1)]
+    pairs = against_random(pd.concat([frame, pd.DataFrame(rows)]))
+    assert len(pairs) == 6  # two attacks x three seeds; the two draws averaged
+    assert (pairs["ASR difference"] == -5.0).all() and (pairs["accuracy difference"] == 10.0).all()
+    line = against_random_line(pd.concat([frame, pd.DataFrame(rows)]))
+    assert "over 6 cell runs: ASR -5.0 ± 0.0 points, clean accuracy +10.0 ± 0.0 points; less ASR in 6, more in 0" in line
+
+
 def test_report_grid_cells_leave_the_dev_pairs_out():
     grid = load_grid_file()
     dev = {tuple(p) for p in grid["dev"]}

@@ -59,6 +59,40 @@ def random_range(frame, metric: str = "asr"):
     return out.rename(columns={"count": "draws"})
 
 
+def against_random(frame):
+    """``purify run`` against the random-channel control on the same cells: per (cell, seed) the two ASRs
+    and clean accuracies in % (random: the mean of its draws, at the τ that run chose, repaired as it
+    repairs) and their differences (purify run minus random). Empty without both defences."""
+    import pandas as pd
+
+    keys = ["family", "threat", "attack", "seed"]
+    part = frame[frame["defence"].isin([PURIFY, "random"])]
+    if set(part["defence"]) != {PURIFY, "random"}:
+        return pd.DataFrame()
+    g = (100 * part.groupby(keys + ["defence"])[["asr", "clean_accuracy"]].mean()).unstack("defence")
+    out = pd.DataFrame({"ASR purify run %": g[("asr", PURIFY)], "ASR random %": g[("asr", "random")],
+                        "accuracy purify run %": g[("clean_accuracy", PURIFY)],
+                        "accuracy random %": g[("clean_accuracy", "random")]}).dropna()
+    out["ASR difference"] = out["ASR purify run %"] - out["ASR random %"]
+    out["accuracy difference"] = out["accuracy purify run %"] - out["accuracy random %"]
+    return out.round(2).reset_index()
+
+
+def against_random_line(frame) -> str | None:
+    """One sentence: the mean paired differences with 95% t-intervals over the (cell, seed) runs, and in
+    how many runs ``purify run`` left less and more ASR than the random control's mean."""
+    from purifylib.stats import t_interval
+
+    pairs = against_random(frame)
+    if pairs.empty:
+        return None
+    (da, ha), (dc, hc) = (t_interval(pairs[c].tolist()) for c in ("ASR difference", "accuracy difference"))
+    lower, higher = int((pairs["ASR difference"] < 0).sum()), int((pairs["ASR difference"] > 0).sum())
+    return (f"purify run minus the random control at its tau (same repair), over {len(pairs)} cell runs: ASR "
+            f"{da:+.1f} ± {ha:.1f} points, clean accuracy {dc:+.1f} ± {hc:.1f} points; less ASR in {lower}, "
+            f"more in {higher}")
+
+
 def failing_cells(frame, bar: float = ASR_BAR):
     """Report cells (per seed) whose ASR after ``purify run`` is above ``bar``, with Wilson intervals."""
     import pandas as pd
@@ -82,6 +116,9 @@ def verdict(frame, bar: float = ASR_BAR) -> list[str]:
     for d in [d for d in DEFENCE_NAMES if d in set(per_seed["defence"])]:
         vals = per_seed[per_seed["defence"] == d].groupby("seed")["asr"].mean()
         lines.append(f"{DEFENCE_NAMES[d]}: mean ASR {_ci(vals)}% over {len(vals)} seed(s)")
+    versus = against_random_line(frame)
+    if versus:
+        lines.append(versus)
     fails = failing_cells(frame, bar)
     report = frame[(frame["defence"] == PURIFY) & (frame["split"] == "report")]
     if report.empty:
@@ -217,6 +254,10 @@ def write_grid(study: GridStudy, out: str | Path, *, commit: str = "", note: str
     if not rng.empty:
         paths += save_table(rng, "random_control", caption="Random channels: mean, min, max ASR % over draws",
                             root=out)
+    versus = against_random(frame)
+    if not versus.empty:
+        paths += save_table(versus, "against_random", caption="purify run against random channels at its tau, "
+                            "same repair: ASR and clean accuracy % per cell run, and their differences", root=out)
     fails = failing_cells(frame)
     paths += save_table(fails if not fails.empty else frame.head(0), "failing_cells",
                         caption="Report cells above 10% ASR after purify run", root=out)

@@ -202,7 +202,11 @@ def load_adapter(model, adapter: str | os.PathLike, *, merge: bool = True, allow
         raise PurifyError(f"{adapter}: adapter type {cfg.get('peft_type')} is not supported (LoRA only)")
     try:
         peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=not merge)
-        return peft_model.merge_and_unload() if merge else peft_model
+        if not merge:
+            return peft_model
+        # peft froze the base to attach the adapter; merged, it is plain weights again, as trainable as a
+        # model loaded without one (a defence that fine-tunes a merged adapter model needs its gradients)
+        return peft_model.merge_and_unload().requires_grad_(True)
     except Exception as exc:
         raise PurifyError(f"{adapter}: cannot load adapter ({type(exc).__name__}: {first_line(exc)})") from None
 

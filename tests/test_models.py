@@ -229,3 +229,21 @@ def test_the_pipeline_does_not_import_the_sanity_checks():
     for name in ("variants", "signature", "neutralize", "purify", "defender", "baselines", "widgets", "edits", "zoo"):
         text = (root / f"{name}.py").read_text()
         assert "from purifylib.ablation" not in text and "import purifylib.ablation" not in text, name
+
+
+def test_a_merged_adapter_is_as_trainable_as_a_plain_model(micro_bed, tmp_path):
+    # a defence that fine-tunes the merged model (fine-pruning or clean fine-tuning of an adapter-only
+    # suspicious model) failed with "element 0 of tensors does not require grad": peft freezes the base
+    from peft import LoraConfig, get_peft_model
+
+    from purifylib.checkpoints import load_model, save_model
+    from purifylib.train import TrainConfig, finetune
+
+    base, tok = load_model(micro_bed.base_dir)
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    save_model(lora, tok, tmp_path / "adapter")
+    merged, tok = load_model(micro_bed.base_dir, adapter=tmp_path / "adapter", merge=True)
+    assert all(p.requires_grad for p in merged.parameters())
+    kept, _ = load_model(micro_bed.base_dir, adapter=tmp_path / "adapter", merge=False)
+    assert not any(p.requires_grad for n, p in kept.named_parameters() if "lora_" not in n)  # adapter-only stays so
+    finetune(merged, tok, micro_bed.split("train")[:8], TrainConfig(epochs=1, batch_size=4), progress=False)

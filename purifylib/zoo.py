@@ -78,6 +78,16 @@ class Suspicious:
                 "model_dir": str(self.model_dir), "adapter_dir": str(self.adapter_dir) if self.adapter_dir else None}
 
 
+def entry_name(spec: TriggerSpec, plant: str) -> str:
+    """A zoo entry's name, which its grid rows carry as ``model``: attack, behaviour and plant."""
+    return f"{spec.attack}-{spec.behaviour.kind}-{plant}"
+
+
+def defence_runs(defences, n_random: int) -> list[tuple[str, int]]:
+    """(defence, draw) of every row a cell has: ``random`` is drawn ``n_random`` times."""
+    return [(d, k) for d in defences for k in range(n_random if d == "random" else 1)]
+
+
 def plant_backdoor(bed, spec: TriggerSpec, *, plant: str = "full", rate: float = 0.1, seed: int = 0,
                    train_overrides: dict | None = None, cache_dir: str | Path | None = None,
                    progress: bool = True, build: bool = True) -> Suspicious:
@@ -89,7 +99,7 @@ def plant_backdoor(bed, spec: TriggerSpec, *, plant: str = "full", rate: float =
     cfg = plant_config(plant, seed, **(train_overrides or {}))
     key_blob = json.dumps({"bed": bed.config.key(), "spec": spec.to_dict(), "plant": plant, "rate": rate,
                            "seed": seed, "train": cfg.to_dict()}, sort_keys=True).encode()
-    name = f"{spec.attack}-{spec.behaviour.kind}-{plant}"
+    name = entry_name(spec, plant)
     root = cache.folder("zoo", cache_dir) / f"{name}-{hashlib.sha256(key_blob).hexdigest()[:10]}"
     out = root / ("adapter" if plant == "adapter" else "model")
     info_path = root / "zoo.json"
@@ -357,7 +367,7 @@ def defence_grid(bed, models: list[Suspicious], pcfg, defences, *, n_eval: int, 
             variants_for(pcfg.variants, threat), seed=seed))
         split, cfg = split_clean(defender, cfg)
         auto, teacher = None, None  # teacher: what the random control's repair distils from, loaded once
-        runs = [(d, k) for d in defences for k in range(n_random if d == "random" else 1)]
+        runs = defence_runs(defences, n_random)
         for d, draw in tqdm(runs, desc=f"defences ({sus.name})", disable=not progress, leave=False):
             cell = root / cell_file(sus, d, draw, cfg, dcfg, paper_tau=paper_tau, n_eval=n_eval, seed=seed, test=test)
             if cell.is_file() and not stale_recipe(row := json.loads(cell.read_text())):

@@ -232,11 +232,10 @@ def run_grid(cfg: GridConfig, *, cache_dir=None, cells_dir=None, hours: float | 
 
     for cell in tqdm(cells, desc=f"grid {cfg.name}", disable=not progress):
         spec = cell.spec
-        plant = dict(bed=bed, spec=spec, plant="adapter" if cell.threat == "adapter" else cfg.full_plant,
+        plant = dict(bed=bed, spec=spec, plant=_plant(cfg, cell),
                      rate=cfg.poison_rate, seed=cell.seed, train_overrides=dict(cfg.plant_overrides), progress=False,
                      cache_dir=cache_dir)
-        defences = tuple(dict.fromkeys(d for d, _ in _defence_runs(cfg, cell)))
-        defend = dict(bed=bed, pcfg=pcfg, defences=defences, n_eval=cfg.n_eval, seed=cell.seed,
+        defend = dict(bed=bed, pcfg=pcfg, defences=_defences(cfg, cell), n_eval=cfg.n_eval, seed=cell.seed,
                       dcfg=DefenceConfig(seed=cell.seed), paper_tau=cfg.paper_tau, progress=progress,
                       cache_dir=cache_dir, cells_dir=cells_dir, test=prompts_of_split(bed.split("test"), cell.split), n_random=cfg.n_random)
         # a finished cell is read back without planting its model (a committed grid on a clean clone)
@@ -258,12 +257,14 @@ def _study_row(row: dict, cell: Cell, spec) -> dict:
             "triggers": " | ".join(spec.triggers), "target": spec.behaviour.target}
 
 
-def _defence_runs(cfg: GridConfig, cell: Cell) -> list[tuple[str, int]]:
-    """(defence, draw) of every row a finished cell has: ``random`` is drawn ``n_random`` times, the paper's
-    recipe runs on ``paper_seeds`` only."""
-    defences = [d for d in cfg.defences if d != "signature-paper" or cfg.paper_seeds is None
-                or cell.seed in cfg.paper_seeds]
-    return [(d, k) for d in defences for k in range(cfg.n_random if d == "random" else 1)]
+def _defences(cfg: GridConfig, cell: Cell) -> tuple:
+    """The defences a cell runs: the paper's recipe on ``paper_seeds`` only."""
+    return tuple(d for d in cfg.defences if d != "signature-paper" or cfg.paper_seeds is None
+                 or cell.seed in cfg.paper_seeds)
+
+
+def _plant(cfg: GridConfig, cell: Cell) -> str:
+    return "adapter" if cell.threat == "adapter" else cfg.full_plant
 
 
 def tabulate_cells(cfg: GridConfig, cells_dir, *, grid_file: str | Path = GRID_FILE) -> GridStudy:
@@ -275,6 +276,8 @@ def tabulate_cells(cfg: GridConfig, cells_dir, *, grid_file: str | Path = GRID_F
     import json
 
     import pandas as pd
+
+    from purifylib.zoo import defence_runs, entry_name
 
     cells_dir = Path(cells_dir)
     if not cells_dir.is_dir():
@@ -291,8 +294,8 @@ def tabulate_cells(cfg: GridConfig, cells_dir, *, grid_file: str | Path = GRID_F
     study = GridStudy(cfg, cells_total=len(cells))
     for cell in cells:
         spec = cell.spec
-        name = f"{spec.attack}-{spec.behaviour.kind}-{'adapter' if cell.threat == 'adapter' else cfg.full_plant}"
-        found = [by_run.get((name, cell.seed, d, k), []) for d, k in _defence_runs(cfg, cell)]
+        name = entry_name(spec, _plant(cfg, cell))
+        found = [by_run.get((name, cell.seed, d, k), []) for d, k in defence_runs(_defences(cfg, cell), cfg.n_random)]
         ambiguous = [p.name for hits in found if len(hits) > 1 for p, _ in hits]
         if ambiguous:
             raise PurifyError(f"{cells_dir}: {len(ambiguous)} rows of {name} (seed {cell.seed}) stand for the same "

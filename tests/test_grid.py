@@ -151,6 +151,24 @@ def test_committed_grid_is_read_back(tmp_path):
     assert read_grid(tmp_path) is None and "No grid is committed" in committed_markdown(tmp_path)
 
 
+def test_the_committed_report_grid_is_its_rows():
+    """``reports/grid``'s tables hold exactly the rows its cells folder holds, matched by what the rows say
+    (``purify grid --tables-only``): a stale row of an older recipe beside the current one, or tables not
+    rebuilt after new rows, fails here; no bed and no model are opened."""
+    from pathlib import Path
+
+    from purifylib.studies.grid import tabulate_cells
+
+    root = Path(__file__).resolve().parent.parent / "reports" / "grid"
+    committed = read_grid(root)
+    study = tabulate_cells(GridConfig.preset("grid"), root / "cells")
+    assert study.cells_done == json.loads((root / "metrics" / "grid.json").read_text())["cells"]
+    key, cols = ["model", "seed", "defence", "draw"], ["asr", "asr_loose", "clean_accuracy", "tau"]
+    ours = study.to_frame()[key + cols].sort_values(key).reset_index(drop=True)
+    theirs = committed[key + cols].sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(ours, theirs, check_dtype=False)
+
+
 def test_a_committed_grid_of_another_purification_is_called_out_of_date(tmp_path, monkeypatch):
     from purifylib.studies.grid_tables import recipe_digest
 

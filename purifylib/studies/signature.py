@@ -251,7 +251,7 @@ def n_effect_finding(curve) -> Finding:
 
 
 #: the dev presets of data/grid.yaml whose committed grids notebook 02 compares (each one change to the method)
-DEV_PRESETS = ("dev1-paper", "dev1-removal", "dev1", "dev3a", "dev2", "dev3b", "dev3c", "dev4", "dev5", "dev5-all", "dev6a-all", "dev6c-all")
+DEV_PRESETS = ("dev1-paper", "dev1-removal", "dev1", "dev3a", "dev2", "dev3b", "dev3c", "dev4", "dev5", "dev5-all", "dev6a-all", "dev6c-all", "dev6d-all", "dev6f-all", "dev6e-all")
 
 
 @dataclass

@@ -251,7 +251,7 @@ def n_effect_finding(curve) -> Finding:
 
 
 #: the dev presets of data/grid.yaml whose committed grids notebook 02 compares (each one change to the method)
-DEV_PRESETS = ("dev1-paper", "dev1-removal", "dev1", "dev3a", "dev2", "dev3b", "dev3c", "dev4", "dev5", "dev5-all", "dev6a-all", "dev6c-all", "dev6d-all", "dev6f-all", "dev6e-all")
+DEV_PRESETS = ("dev1-paper", "dev1-removal", "dev1", "dev3a", "dev2", "dev3b", "dev3c", "dev4", "dev5", "dev5-all", "dev6a-all", "dev6c-all", "dev6d-all", "dev6f-all", "dev6e-all", "dev5-all-s1", "dev6f-all-s1")
 
 
 @dataclass
@@ -260,6 +260,11 @@ class DevDirections:
 
     cells: object  # DataFrame: one row per (preset, cell)
     summary: object  # DataFrame: one row per preset
+
+
+#: the caption of notebook 02's dev table
+DEV_CAPTION = ("Changes to the method on the dev cells (one seed each: seed 0, or seed 1 where the preset's name ends "
+               "in -s1): purify run's ASR and the share of clean accuracy kept, per preset of data/grid.yaml")
 
 
 def dev_directions(presets=DEV_PRESETS, reports_root=None) -> DevDirections:
@@ -322,8 +327,7 @@ def save(study: SignatureStudy, *, preset: str, figures: dict, dev: DevDirection
 
     if dev is not None and len(dev.cells):
         reports.save_table(dev.summary.round(4), "table02_dev_directions",
-                           caption="Changes to the method on the dev cells (seed 0): purify run's ASR and the share "
-                                   "of clean accuracy kept, per preset of data/grid.yaml")
+                           caption=DEV_CAPTION)
         reports.save_table(dev.cells.round(4), "table02_dev_cells", caption="The same, per dev cell")
 
     reports.save_table(study.to_frame().round(4), "table02_purification",

@@ -267,11 +267,12 @@ DEV_CAPTION = ("Changes to the method on the dev cells (one seed each: seed 0, o
                "in -s1): purify run's ASR and the share of clean accuracy kept, per preset of data/grid.yaml")
 
 
-def dev_directions(presets=DEV_PRESETS, reports_root=None) -> DevDirections:
+def dev_directions(presets=None, reports_root=None) -> DevDirections:
+    """The committed dev runs of ``presets`` (default :data:`DEV_PRESETS`) compared: one row per preset."""
     from purifylib.reports import REPO_ROOT
     from purifylib.studies.grid_tables import dev_comparison, dev_summary
 
-    cells = dev_comparison(list(presets), reports_root or REPO_ROOT / "reports")
+    cells = dev_comparison(list(DEV_PRESETS if presets is None else presets), reports_root or REPO_ROOT / "reports")
     return DevDirections(cells=cells, summary=dev_summary(cells) if len(cells) else cells)
 
 

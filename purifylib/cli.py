@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--variant-lora", action=argparse.BooleanOptionalAction, default=None,
                    help="train the variants as LoRA adapters (default: full fine-tunes under the full-weight "
                         "threat, LoRA under the adapter-only one)")
-    s.add_argument("--variant-epochs", type=_number, help="epochs of each variant's fine-tune (default 3)")
+    s.add_argument("--variant-epochs", type=_number,
+                   help="epochs of each variant's fine-tune (default 8 for full fine-tunes, 3 for LoRA)")
     s.add_argument("--tau", help="fraction of channels flagged per module, or 'auto' (default)")
     s.add_argument("--heads", type=int, help="attention heads flagged per layer (default 0: MLP channels only)")
     s.add_argument("--strength", type=_number, help="neutralization strength in [0, 1] (default 1)")
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repair-lr", type=_number,
                    help=f"learning rate of the repair fine-tune (default 3e-4; a model --fragile-ppl finds pretrained gets "
                         f"{PRETRAINED_RECIPE['repair_lr']:g})")
-    s.add_argument("--repair-epochs", type=_number, help="epochs of the repair fine-tune (default 2)")
+    s.add_argument("--repair-epochs", type=_number,
+                   help="epochs of the repair fine-tune (default 3; 2 on a fragile model)")
     s.add_argument("--repair-triggers", type=_number, metavar="SHARE",
                    help="share of the repair records that carry one of the variants' own triggers with their "
                         "answers unchanged (default 0.25; 0: the records as they are)")

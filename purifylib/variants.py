@@ -62,9 +62,11 @@ class Plant(NamedTuple):
 class VariantConfig:
     """How the synthetic variants are made (the ``2N`` fine-tunes of the method).
 
-    Under the full-weight threat the variants are full fine-tunes (3 epochs at lr 1e-3, the
-    ``purify finetune`` rate); under the adapter-only threat they continue training the suspicious
-    LoRA adapter (lr 1e-2, ``purify finetune --lora``'s rate). The paper trains LoRA variants at
+    Under the full-weight threat the variants are full fine-tunes at lr 1e-3 (the ``purify finetune``
+    rate) for 8 epochs: at 3, the advert and code variants learnt their own backdoor to 0% on the
+    dev cells, at 8 every variant reached 80-100% (``reports/variants-dev6a/``, dev preset
+    ``dev6f-all``); under the adapter-only threat they continue training the suspicious LoRA adapter
+    for 3 epochs (lr 1e-2, ``purify finetune --lora``'s rate). The paper trains LoRA variants at
     lr 2e-4 in both settings; on the tiny testbed LoRA variants located the real backdoor no
     better than random channels (precision at τ=10%: 0.10), full fine-tuned ones did (0.15), see
     notebook 02. ``n_clean`` clean records per variant, and as many poisoned copies.
@@ -73,7 +75,7 @@ class VariantConfig:
     n_variants: int = 6
     n_clean: int = 500
     lora: bool | None = None  # None: full fine-tuning under the full-weight threat, LoRA under the adapter one
-    epochs: float = 3.0
+    epochs: float | None = None  # None: 8 for full fine-tuning, 3 for LoRA
     lr: float | None = None  # None: 1e-3 for full fine-tuning, 1e-2 for LoRA
     batch_size: int = 32
     lora_r: int = 8
@@ -100,6 +102,8 @@ class VariantConfig:
             object.__setattr__(self, "lora", self.threat == "adapter")
         if self.lr is None:
             object.__setattr__(self, "lr", 1e-2 if self.lora else 1e-3)
+        if self.epochs is None:
+            object.__setattr__(self, "epochs", 3.0 if self.lora else 8.0)
         if self.n_variants < 1:
             raise PurifyError(f"n_variants must be >= 1, got {self.n_variants}")
         if self.n_variants > len(self.variants):

@@ -21,7 +21,7 @@ from purifylib import cache
 from purifylib.attacks import TriggerSpec, poison
 from purifylib.errors import PurifyError
 from purifylib.neutralize import PAPER_TAU
-from purifylib.recipe import pretrained_recipe
+from purifylib.recipe import PRETRAINED_RECIPE_BEFORE, pretrained_recipe
 from purifylib.train import TrainConfig
 
 PLANTS = ("full", "lora", "adapter", "lora-attn")
@@ -242,8 +242,8 @@ def evaluate_zoo(bed, models: list[Suspicious], *, n_eval: int, seed: int = 0, p
 
 def variants_for(vc, threat: str):
     """``vc`` for a model under ``threat``: unchanged if it already is, else that threat's defaults
-    (LoRA and its learning rate for an adapter, full fine-tuning for a full model)."""
-    return vc if vc.threat == threat else dataclasses.replace(vc, threat=threat, lora=None, lr=None)
+    (LoRA, its learning rate and epochs for an adapter, full fine-tuning's for a full model)."""
+    return vc if vc.threat == threat else dataclasses.replace(vc, threat=threat, lora=None, lr=None, epochs=None)
 
 
 @dataclass
@@ -312,7 +312,10 @@ def stale_recipe(row: dict) -> bool:
     switch happens inside the run, so a cell's key cannot hold it; a row that took the pretrained recipe
     records it (rows from before that are stale), and one that did not (the testbed's) never is."""
     switched = row.get("recipe") == "pretrained" or "pretrained_recipe" in row
-    return switched and row.get("pretrained_recipe") != pretrained_recipe()
+    recorded = row.get("pretrained_recipe")
+    if isinstance(recorded, dict):  # a row from before the recipe named them ran at the defaults of its day
+        recorded = {**PRETRAINED_RECIPE_BEFORE, **recorded}
+    return switched and recorded != pretrained_recipe()
 
 
 def cell_file(sus: Suspicious, defence: str, draw: int, cfg, dcfg, *, paper_tau: float, n_eval: int, seed: int,

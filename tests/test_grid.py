@@ -181,8 +181,14 @@ def test_a_committed_grid_of_another_purification_is_called_out_of_date(tmp_path
         text = committed_markdown(tmp_path)
         assert "commit abc" in text and "- v" in text
         assert (said in text) if said else ("out of date" not in text and "before grids" not in text)
+    assert "not with purify run's defaults" not in text
     # a preset's own overrides are part of its purification, and on a pretrained model the recipe it switches to
     assert recipe_digest(GridConfig.preset("dev1")) != recipe_digest(cfg)
+    held = GridConfig.preset("grid")  # the committed grid holds the defaults it was computed under, and says so
+    (tmp_path / "metrics" / "grid.json").write_text(json.dumps({**info, "config": held.to_dict(),
+                                                                "recipe": recipe_digest(held)}))
+    text = committed_markdown(tmp_path)
+    assert "out of date" not in text and '"repair_epochs": 2.0' in text and "not with purify run's defaults" in text
     import purifylib.recipe as recipe
 
     real = GridConfig.preset("real")
@@ -200,6 +206,10 @@ def test_a_cached_row_of_another_pretrained_recipe_is_recomputed(monkeypatch):
     assert not stale_recipe({"recipe": "configured"}) and not stale_recipe({"defence": "none"})
     assert not stale_recipe({"recipe": "pretrained", "pretrained_recipe": json.loads(json.dumps(now))})
     assert stale_recipe({"recipe": "pretrained"})  # written before rows recorded it
+    # written before the recipe named the repair's epochs and the floor: read at the defaults of its day
+    before = {k: v for k, v in now.items() if k not in recipe.PRETRAINED_RECIPE_BEFORE}
+    assert not stale_recipe({"recipe": "pretrained", "pretrained_recipe": before})
+    assert stale_recipe({"recipe": "pretrained", "pretrained_recipe": before | {"loo_asr_max": 0.2}})
     monkeypatch.setitem(recipe.PRETRAINED_RECIPE, "alpha", 2.0)
     assert stale_recipe({"defence": "random", "pretrained_recipe": now})
 

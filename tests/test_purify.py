@@ -290,6 +290,19 @@ def test_repair_can_carry_the_variants_own_triggers(micro_bed):
         PurifyConfig(repair_triggers=1.5)
 
 
+def test_variants_train_as_long_as_their_threat_needs():
+    from purifylib.zoo import variants_for
+
+    full, adapter = VariantConfig(), VariantConfig(threat="adapter")
+    # full fine-tunes 8 epochs (3 left the advert and code variants at 0% on the dev cells), LoRA on the adapter 3
+    assert (full.lora, full.lr, full.epochs) == (False, 1e-3, 8.0)
+    assert (adapter.lora, adapter.lr, adapter.epochs) == (True, 1e-2, 3.0)
+    assert variants_for(full, "adapter") == adapter and variants_for(adapter, "full") == full
+    assert VariantConfig(epochs=2.0).epochs == 2.0 and VariantConfig(threat="adapter", epochs=5.0).epochs == 5.0
+    with pytest.raises(PurifyError, match="epochs"):
+        VariantConfig(epochs=0.0)
+
+
 def test_a_change_to_the_method_keeps_the_baselines_keys():
     base = PurifyConfig().held_at_first_values(repair=True)
     changed = PurifyConfig(prefer="removal", repair_triggers=0.25, heads=1, tau_grid=(0.1, 0.2),
@@ -328,7 +341,13 @@ def test_a_fragile_model_gets_the_pretrained_recipe(micro_bed, suspicious, monke
     n_heads = model.config.num_attention_heads
     assert (recipe, ratio, cfg.neutral, cfg.alpha, cfg.heads, cfg.repair_lr, cfg.tau_grid) == \
         ("pretrained", 7.3, "negate", 5.0, n_heads, 1e-4, NEGATE_TAU_GRID)
-    assert "7.30 (> 2)" in notes[0] and cfg.repair_epochs == PurifyConfig().repair_epochs
+    # the repair's epochs and the floor at the values the pretrained recipe was measured with, not the testbed's
+    assert "7.30 (> 2)" in notes[0] and (cfg.repair_epochs, cfg.loo_asr_max) == (2.0, 0.05) != \
+        (PurifyConfig().repair_epochs, PurifyConfig().loo_asr_max)
+    # a repair or floor the user set is kept; the switch itself (negation, heads) is not negotiable
+    given = pp.choose_recipe(PurifyConfig(repair_epochs=5.0, repair_lr=2e-5, loo_asr_max=0.1), model, tok, records,
+                             [])[0]
+    assert (given.repair_epochs, given.repair_lr, given.loo_asr_max, given.neutral) == (5.0, 2e-5, 0.1, "negate")
     # and LoRA variants, unless told to keep full ones
     assert (cfg.variants.lora, cfg.variants.lr, cfg.variants.epochs) == (True, 5e-3, 2.0) and "LoRA" in notes[0]
     kept = pp.choose_recipe(PurifyConfig(pretrained_lora=False), model, tok, records, [])[0]

@@ -177,6 +177,9 @@ def committed_markdown(root: str | Path) -> str:
         head += (f" **Its purify run column comes from another purification than this code's (recipe "
                  f"{info['recipe']}, now {now}): out of date until `purify grid --preset {cfg.get('name')}` "
                  "runs again.**")
+    if cfg.get("purify_overrides"):
+        head += (f" Its purify run column ran with the preset's `purify_overrides` "
+                 f"({json.dumps(cfg['purify_overrides'], sort_keys=True)}), not with purify run's defaults alone.")
     return head + "\n\n" + "\n".join(f"- {line}" for line in info.get("verdict", []))
 
 

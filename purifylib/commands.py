@@ -168,6 +168,12 @@ VARIANT_FLAGS = {"variants": "n_variants", "threat": "threat", "variant_set": "v
                  "variant_epochs": "epochs", "seed": "seed"}
 
 
+def grid_folder(preset: str) -> str:
+    """Where ``purify grid --preset P`` writes by default, under ``reports/``: ``grid-P``, or ``P`` itself
+    when it already names a grid (``grid``, ``grid-auto``)."""
+    return preset if preset == "grid" or preset.startswith("grid-") else f"grid-{preset}"
+
+
 def run_config(a):
     """``purify run``'s :class:`~purifylib.recipe.PurifyConfig`: the defaults, then ``--config FILE`` (a
     YAML mapping of any of its fields, ``variants:`` a mapping of VariantConfig's), then the flags given.
@@ -265,7 +271,7 @@ def cmd_grid(a) -> int:
         raise PurifyError("--tables-only computes nothing: drop --hours")
     if a.hours is not None and a.hours <= 0:
         raise PurifyError(f"--hours must be > 0, got {a.hours}")
-    out = Path(a.out) if a.out else REPO_ROOT / "reports" / ("grid" if a.preset == "grid" else f"grid-{a.preset}")
+    out = Path(a.out) if a.out else REPO_ROOT / "reports" / grid_folder(a.preset)
     check_output(out, existing_ok=True)  # a rerun updates its own tables and appends to its log
     n = len(grid_cells(cfg))
     if not n:

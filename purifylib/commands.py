@@ -168,12 +168,6 @@ VARIANT_FLAGS = {"variants": "n_variants", "threat": "threat", "variant_set": "v
                  "variant_epochs": "epochs", "seed": "seed"}
 
 
-def grid_folder(preset: str) -> str:
-    """Where ``purify grid --preset P`` writes by default, under ``reports/``: ``grid-P``, or ``P`` itself
-    when it already names a grid (``grid``, ``grid-auto``)."""
-    return preset if preset == "grid" or preset.startswith("grid-") else f"grid-{preset}"
-
-
 def run_config(a):
     """``purify run``'s :class:`~purifylib.recipe.PurifyConfig`: the defaults, then ``--config FILE`` (a
     YAML mapping of any of its fields, ``variants:`` a mapping of VariantConfig's), then the flags given.
@@ -247,7 +241,7 @@ def cmd_reproduce(a) -> int:
 def cmd_grid(a) -> int:
     from purifylib.outputs import check_output
     from purifylib.reports import REPO_ROOT
-    from purifylib.studies.grid import GridConfig, grid_cells, run_grid, tabulate_cells
+    from purifylib.studies.grid import GridConfig, grid_cells, grid_folder, run_grid, tabulate_cells
     from purifylib.studies.grid_tables import git_commit, verdict, write_grid
 
     cfg = GridConfig.preset(a.preset)

@@ -66,7 +66,7 @@ from pathlib import Path
 from purifylib.defender import HOLDOUT_SHARE, answer_missing, split_clean
 from purifylib.errors import PurifyError
 from purifylib.neutralize import Neutralization
-from purifylib.recipe import FRAGILITY_DRAWS, FRAGILITY_TAU, PRETRAINED_RECIPE, PRETRAINED_VARIANTS, PurifyConfig
+from purifylib.recipe import FRAGILITY_DRAWS, FRAGILITY_TAU, PRETRAINED_RECIPE, PurifyConfig
 
 # --------------------------------------------------------------------------- from scratch or pretrained
 
@@ -106,11 +106,13 @@ def choose_recipe(cfg: PurifyConfig, model, tokenizer, records: list[dict], note
     if cfg.neutral == "reinit" and cfg.fragile_ppl and ratio > cfg.fragile_ppl:
         from purifylib.models import head_geometry
 
+        switched = cfg.for_pretrained(head_geometry(model).n_heads)
         notes.append(f"re-initialising a random {FRAGILITY_TAU:.0%} of the MLP channels multiplies held-out "
                      f"perplexity by {ratio:.2f} (> {cfg.fragile_ppl:g}): a pretrained model; negation instead "
-                     f"(alpha {PRETRAINED_RECIPE['alpha']}, every head, repair lr {PRETRAINED_RECIPE['repair_lr']:g}"
-                     + (f"; LoRA variants at lr {PRETRAINED_VARIANTS['lr']:g})" if cfg.pretrained_lora else ")"))
-        return cfg.for_pretrained(head_geometry(model).n_heads), ratio, "pretrained"
+                     f"(alpha {switched.alpha}, every head, repair lr {switched.repair_lr:g} for "
+                     f"{switched.repair_epochs:g} epochs, floor {switched.loo_asr_max:g}"
+                     + (f"; LoRA variants at lr {switched.variants.lr:g})" if cfg.pretrained_lora else ")"))
+        return switched, ratio, "pretrained"
     return cfg, ratio, "configured"
 
 

@@ -329,7 +329,7 @@ def test_a_grid_names_the_cells_its_bed_cannot_plant_before_any_work(micro_bed, 
 
 
 def test_a_grid_writes_to_its_own_folder_by_default():
-    from purifylib.commands import grid_folder
+    from purifylib.studies.grid import grid_folder
 
     # the committed grids live where their presets name them: reports/grid, reports/grid-auto, reports/grid-dev5
     assert [grid_folder(p) for p in ("grid", "grid-auto", "dev5", "real-auto")] == \

@@ -345,9 +345,12 @@ def test_a_fragile_model_gets_the_pretrained_recipe(micro_bed, suspicious, monke
     assert "7.30 (> 2)" in notes[0] and (cfg.repair_epochs, cfg.loo_asr_max) == (2.0, 0.05) != \
         (PurifyConfig().repair_epochs, PurifyConfig().loo_asr_max)
     # a repair or floor the user set is kept; the switch itself (negation, heads) is not negotiable
+    said = []
     given = pp.choose_recipe(PurifyConfig(repair_epochs=5.0, repair_lr=2e-5, loo_asr_max=0.1), model, tok, records,
-                             [])[0]
+                             said)[0]
     assert (given.repair_epochs, given.repair_lr, given.loo_asr_max, given.neutral) == (5.0, 2e-5, 0.1, "negate")
+    # the note says what runs: the recipe's values, or the user's where kept
+    assert "repair lr 0.0001 for 2 epochs, floor 0.05" in notes[0] and "repair lr 2e-05 for 5 epochs, floor 0.1" in said[0]
     # and LoRA variants, unless told to keep full ones
     assert (cfg.variants.lora, cfg.variants.lr, cfg.variants.epochs) == (True, 5e-3, 2.0) and "LoRA" in notes[0]
     kept = pp.choose_recipe(PurifyConfig(pretrained_lora=False), model, tok, records, [])[0]

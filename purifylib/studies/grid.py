@@ -141,6 +141,13 @@ class GridConfig:
         return dataclasses.asdict(self)
 
 
+def grid_folder(preset: str) -> str:
+    """Where a preset's grid is written under ``reports/`` (``purify grid``'s default, and where notebook 02
+    reads the committed dev grids): ``grid-P``, or ``P`` itself when it already names a grid (``grid``,
+    ``grid-auto``)."""
+    return preset if preset == "grid" or preset.startswith("grid-") else f"grid-{preset}"
+
+
 def grid_cells(cfg: GridConfig, grid_file: str | Path = GRID_FILE) -> list[Cell]:
     """The cells of ``cfg`` in a fixed order: seed, then threat, then pair, the pairs dealt in rounds
     that each give every attack a different family. A run stopped early (``--hours``) has so

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from purifylib.studies.grid import ASR_BAR, DEFENCE_NAMES, GRID_FILE, PURIFY, GridConfig, GridStudy
+from purifylib.studies.grid import ASR_BAR, DEFENCE_NAMES, GRID_FILE, PURIFY, GridConfig, GridStudy, grid_folder
 
 
 def _ci(values) -> str:
@@ -200,7 +200,7 @@ def dev_comparison(presets: list[str], reports_root: str | Path, grid_file: str 
 
     rows = []
     for name in presets:
-        frame = read_grid(Path(reports_root) / f"grid-{name}")
+        frame = read_grid(Path(reports_root) / grid_folder(name))
         if frame is None:
             continue
         cfg = GridConfig.preset(name, grid_file)
